@@ -1,0 +1,20 @@
+"""Declares the compiled queue core; everything else lives in pyproject.toml.
+
+FASTINGEST_NO_EXTENSIONS=1 at build time skips the compiler and ships only the
+pure-Python twin (``fastingest._queue_py``).
+"""
+
+import os
+
+from setuptools import Extension, setup
+
+ext_modules = []
+if os.environ.get("FASTINGEST_NO_EXTENSIONS", "") in ("", "0"):
+    from Cython.Build import cythonize
+
+    ext_modules = cythonize(
+        [Extension("fastingest._queue", ["src/fastingest/_queue.pyx"], extra_compile_args=["-O2"])],
+        compiler_directives={"language_level": "3", "embedsignature": True},
+    )
+
+setup(ext_modules=ext_modules)
