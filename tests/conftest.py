@@ -22,11 +22,13 @@ if _queue_c is not None:
 def pytest_configure(config: pytest.Config) -> None:
     # CI must test the compiled core; a silent fallback to the twin would hide a broken build.
     if os.environ.get("FASTINGEST_REQUIRE_EXTENSIONS") == "1" and _queue_c is None:
-        raise pytest.UsageError("FASTINGEST_REQUIRE_EXTENSIONS=1 but fastingest._queue is not built")
+        raise pytest.UsageError(
+            "FASTINGEST_REQUIRE_EXTENSIONS=1 but fastingest._queue is not built"
+        )
 
 
 @pytest.fixture(params=IMPLS)
-def RingQueue(request: pytest.FixtureRequest) -> type:  # noqa: N802 - it is a class
+def RingQueue(request: pytest.FixtureRequest) -> type:
     return request.param
 
 

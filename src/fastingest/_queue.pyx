@@ -24,6 +24,7 @@ Locking model (read this before changing anything below)
   through ``call_soon_threadsafe`` when the waker is another thread.
 """
 
+cimport cython
 from cpython.bytearray cimport PyByteArray_CheckExact, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_CheckExact, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
@@ -367,6 +368,7 @@ cdef class RingQueue:
 
     # --- non-blocking -----------------------------------------------------
 
+    @cython.always_allow_keywords(False)   # METH_O/NOARGS: no keyword parsing on the hot path
     def put_nowait(self, item):
         """Add `item` or raise QueueFull / QueueClosed at once."""
         cdef int rc = self._put(item, self._checked_size(item), True)
@@ -375,6 +377,7 @@ cdef class RingQueue:
         if rc == CLOSED:
             raise QueueClosed("queue is closed")
 
+    @cython.always_allow_keywords(False)   # METH_O/NOARGS: no keyword parsing on the hot path
     def get_nowait(self):
         """Take the oldest item or raise QueueEmpty / QueueClosed (closed and drained)."""
         cdef bint closed

@@ -70,6 +70,7 @@ class WorkerPool(Generic[T]):
         self._workers: list[asyncio.Task[None] | threading.Thread] = []
         self._dispatcher: asyncio.Task[None] | threading.Thread | None = None
         self._dispatcher_idle = False  # blocked on an empty job queue: safe to cancel
+        self._holding: list[T] = []  # the job the dispatcher took but has not handed over yet
         self._stop_dispatching = False
         self._lock = threading.Lock()  # guards the counters in thread mode
 
@@ -100,7 +101,9 @@ class WorkerPool(Generic[T]):
             self._dispatcher = loop.create_task(self._adispatch(), name=f"{self.name}-dispatch")
         else:
             self._workers = [
-                threading.Thread(target=self._worker, args=(ch,), name=f"{self.name}-{i}", daemon=True)
+                threading.Thread(
+                    target=self._worker, args=(ch,), name=f"{self.name}-{i}", daemon=True
+                )
                 for i, ch in enumerate(self._channels)
             ]
             self._dispatcher = threading.Thread(
@@ -142,6 +145,27 @@ class WorkerPool(Generic[T]):
         self._end_workers()
         await asyncio.gather(*self._workers)  # type: ignore[misc]
 
+    async def abort(self) -> list[T]:
+        """Asyncio mode: cancel the dispatcher and every worker now.
+
+        Returns the jobs the pool held but no handler had started (in worker
+        channels, or taken by the dispatcher); jobs whose handler was running
+        are the handler's to account for (it sees CancelledError). Jobs still
+        in `queue` stay there.
+        """
+        if not self.is_async or self._dispatcher is None:
+            raise RuntimeError("abort() is for a started asyncio pool")
+        tasks = [self._dispatcher, *self._workers]
+        for task in tasks:
+            task.cancel()  # type: ignore[union-attr]
+        await asyncio.gather(*tasks, return_exceptions=True)  # type: ignore[arg-type]
+        left = list(self._holding)
+        self._holding.clear()
+        for ch in self._channels:
+            ch.close()
+            left += ch.get_many(1) if ch.qsize() else []
+        return left
+
     # --- asyncio mode ---------------------------------------------------------
 
     async def _adispatch(self) -> None:
@@ -163,8 +187,10 @@ class WorkerPool(Generic[T]):
                     self._dispatcher_idle = False
             except QueueClosed:
                 return
+            self._holding.append(job)
             channel = await idle.aget()
             channel.put_nowait(job)  # never full: the worker registered it empty
+            self._holding.clear()
 
     async def _aworker(self, channel: RingQueue[T]) -> None:
         handler = self.handler

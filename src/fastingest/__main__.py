@@ -1,0 +1,5 @@
+import sys
+
+from fastingest.cli import main
+
+sys.exit(main())

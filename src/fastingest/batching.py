@@ -1,0 +1,159 @@
+"""Payload chunks -> objects: batch thresholds, NDJSON framing, compression, key naming.
+
+The batcher appends whole request chunks (already NDJSON, see ``bodies``) to the
+open ``Batch``; a batch closes on its byte, payload-count or age threshold and
+becomes an ``Upload`` job. Compression happens later, in a worker, so the event
+loop never spends milliseconds in zlib.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import os
+import re
+import secrets
+import socket
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+EXTENSIONS = {"gzip": ".ndjson.gz", "zstd": ".ndjson.zst", "none": ".ndjson"}
+CONTENT_TYPES = {
+    "gzip": "application/gzip",
+    "zstd": "application/zstd",
+    "none": "application/x-ndjson",
+}
+GZIP_LEVEL = 6
+ZSTD_LEVEL = 3
+
+
+def compressor(kind: str) -> Callable[[bytes], bytes]:
+    if kind == "gzip":
+        # wbits=31: a gzip member, which `gunzip` and every analytics engine read.
+        return _gzip
+    if kind == "zstd":
+        import zstandard
+
+        cctx_level = ZSTD_LEVEL
+        return lambda data: zstandard.ZstdCompressor(level=cctx_level).compress(data)
+    if kind == "none":
+        return bytes
+    raise ValueError(f"unknown compression {kind!r}")
+
+
+def _gzip(data: bytes) -> bytes:
+    c = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
+    return c.compress(data) + c.flush()
+
+
+class KeyMaker:
+    """Object keys unique across hosts, processes and restarts.
+
+    ``<prefix>dt=YYYY-MM-DD/hour=HH/<host>-<pid>-<boot>-<seq>.ndjson.gz`` for
+    batches, ``<prefix>dt=YYYY-MM-DD/<host>-<pid>-<boot>-<seq>.json`` per
+    payload. ``boot`` is random per process start, so a pid reused after a
+    restart (pid 1 in every container) never collides.
+    """
+
+    def __init__(self, prefix: str = "", host: str | None = None) -> None:
+        host = re.sub(r"[^A-Za-z0-9.-]", "_", host or socket.gethostname())[:63]
+        self.prefix = prefix
+        self.stem = f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
+        self._seq = itertools.count(1)
+
+    def batch(self, opened: float, extension: str) -> str:
+        t = time.gmtime(opened)
+        day, hour = time.strftime("%Y-%m-%d", t), time.strftime("%H", t)
+        return f"{self.prefix}dt={day}/hour={hour}/{self.stem}-{next(self._seq):010d}{extension}"
+
+    def payload(self, received: float) -> str:
+        day = time.strftime("%Y-%m-%d", time.gmtime(received))
+        return f"{self.prefix}dt={day}/{self.stem}-{next(self._seq):010d}.json"
+
+
+@dataclass(slots=True)
+class Upload:
+    """One object to store: built by the batcher, sealed and uploaded by a worker."""
+
+    key: str
+    parts: list[bytes]  # NDJSON chunks, or the one payload (per-payload mode)
+    payloads: int
+    first: float  # receive time of the first and last payload (epoch seconds)
+    last: float
+    content_type: str
+    compression: str = "none"
+    body: bytes = b""  # set by seal()
+    sha256: str = ""  # of the uncompressed NDJSON, for downstream completeness checks
+    content_md5: str = ""  # of the stored body, sent as Content-MD5
+
+    @property
+    def raw_size(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def seal(self, compress: Callable[[bytes], bytes]) -> None:
+        """Join and compress; CPU-bound, so workers run it in a thread (zlib drops the GIL)."""
+        if self.body:
+            return
+        raw = b"".join(self.parts)
+        self.sha256 = hashlib.sha256(raw).hexdigest()
+        self.body = compress(raw)
+        self.content_md5 = base64.b64encode(hashlib.md5(self.body).digest()).decode()
+
+    def metadata(self) -> dict[str, str]:
+        """What a downstream job needs to check an object is complete."""
+        return {
+            "fastingest-payloads": str(self.payloads),
+            "fastingest-sha256": self.sha256,
+            "fastingest-first": _iso(self.first),
+            "fastingest-last": _iso(self.last),
+        }
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+@dataclass(slots=True)
+class Batch:
+    """The open batch: chunks appended until a threshold closes it."""
+
+    opened: float
+    max_bytes: int
+    max_payloads: int
+    parts: list[bytes] = field(default_factory=list)
+    nbytes: int = 0
+    payloads: int = 0
+    last: float = 0.0
+
+    def add(self, chunk: bytes, now: float) -> None:
+        self.parts.append(chunk)
+        self.nbytes += len(chunk)
+        self.payloads += chunk.count(b"\n")
+        self.last = now
+
+    @property
+    def full(self) -> bool:
+        return self.nbytes >= self.max_bytes or self.payloads >= self.max_payloads
+
+    def close(self, keys: KeyMaker, compression: str) -> Upload:
+        return Upload(
+            key=keys.batch(self.opened, EXTENSIONS[compression]),
+            parts=self.parts,
+            payloads=self.payloads,
+            first=self.opened,
+            last=self.last,
+            content_type=CONTENT_TYPES[compression],
+            compression=compression,
+        )
+
+
+def per_payload(chunk: bytes, keys: KeyMaker, now: float) -> list[Upload]:
+    """One object per payload, as in the original design."""
+    return [
+        Upload(keys.payload(now), [line], 1, now, now, "application/json")
+        for line in chunk.split(b"\n")
+        if line
+    ]

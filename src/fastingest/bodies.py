@@ -1,0 +1,186 @@
+"""Request bodies -> payloads: content types, decompression with a hard limit, validation.
+
+A request is accepted whole or not at all. Its payloads leave here as one NDJSON
+chunk (each payload on its own line, newline-terminated): the unit the intake
+queue holds and the batcher appends.
+
+What is stored byte-for-byte: a single-object body (if it fits on one line) and
+every NDJSON line. Payloads parsed out of an array or a collection are
+re-serialised compactly by orjson: same values, not necessarily the same bytes.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+JSON_TYPES = frozenset({"application/json"})
+NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
+
+
+class BodyError(Exception):
+    """A request we refuse: HTTP status, a short code, a sentence, and where."""
+
+    def __init__(self, status: int, error: str, detail: str, **where: int) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.where = where
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.error, "detail": self.detail, **self.where}
+
+
+@dataclass(frozen=True, slots=True)
+class Payloads:
+    chunk: bytes  # NDJSON: every payload followed by b"\n"
+    count: int
+    token: str | None = None  # the collection's own "token" field
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    return {dict: "object", list: "array", str: "string", int: "number", float: "number"}.get(
+        type(value), "null" if value is None else type(value).__name__
+    )
+
+
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """Decode Content-Encoding without ever producing more than `limit` + 1 bytes."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        wbits = 31 if "gzip" in encoding else 15
+        out = bytearray()
+        data = body
+        try:
+            while data:  # a gzip stream may hold several members
+                d = zlib.decompressobj(wbits)
+                out += d.decompress(data, limit + 1 - len(out))
+                if len(out) > limit:
+                    raise BodyError(413, "body_too_large", f"body inflates past {limit} bytes")
+                if not d.eof:
+                    raise BodyError(400, "bad_encoding", f"{encoding} stream is truncated")
+                data = d.unused_data
+        except zlib.error as exc:
+            raise BodyError(400, "bad_encoding", f"body is not valid {encoding}: {exc}") from None
+        return bytes(out)
+    if encoding == "zstd":
+        try:
+            import zstandard
+        except ImportError:
+            raise BodyError(
+                415, "unsupported_encoding", "zstd needs the 'zstandard' package on the server"
+            ) from None
+        try:
+            reader = zstandard.ZstdDecompressor().stream_reader(body)
+            out = bytearray()
+            while len(out) <= limit and (part := reader.read(limit + 1 - len(out))):
+                out += part
+        except zstandard.ZstdError as exc:
+            raise BodyError(400, "bad_encoding", f"body is not valid zstd: {exc}") from None
+        if len(out) > limit:
+            raise BodyError(413, "body_too_large", f"body inflates past {limit} bytes")
+        return bytes(out)
+    raise BodyError(
+        415, "unsupported_encoding", f"Content-Encoding {encoding!r}: use gzip, deflate or zstd"
+    )
+
+
+def parse(body: bytes, content_type: str) -> Payloads:
+    """Split a decoded body into payloads, or raise BodyError."""
+    if not body.strip():
+        raise BodyError(400, "empty_body", "the request has no body")
+    if content_type in JSON_TYPES:
+        return _parse_json(body)
+    if content_type in NDJSON_TYPES:
+        return _parse_ndjson(body)
+    raise BodyError(
+        415,
+        "unsupported_media_type",
+        f"Content-Type {content_type or '(none)'!r}: use application/json or application/x-ndjson",
+    )
+
+
+def _decode_error(exc: orjson.JSONDecodeError, line: int | None = None) -> BodyError:
+    where = {"line": line or exc.lineno, "column": exc.colno}
+    if line is None:
+        where["position"] = exc.pos
+    return BodyError(
+        400, "malformed_json", f"{exc.msg} at line {where['line']} column {exc.colno}", **where
+    )
+
+
+def _parse_json(body: bytes) -> Payloads:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise _decode_error(exc) from None
+    if type(doc) is dict:
+        if "data" in doc:  # the original design's collection
+            data = doc["data"]
+            if type(data) is not list:
+                raise BodyError(
+                    422,
+                    "invalid_collection",
+                    f"'data' must be an array of payload objects, not {_json_type(data)}",
+                )
+            token = doc.get("token")
+            return Payloads(*_join(data, "data"), token if isinstance(token, str) else None)
+        raw = body.strip()
+        if b"\n" in raw or b"\r" in raw:  # NDJSON needs one line per payload
+            raw = orjson.dumps(doc)
+        return Payloads(raw + b"\n", 1)
+    if type(doc) is list:
+        return Payloads(*_join(doc, "array"))
+    raise BodyError(
+        422, "invalid_payload", f"a payload must be a JSON object, not {_json_type(doc)}"
+    )
+
+
+def _join(items: list[Any], field: str) -> tuple[bytes, int]:
+    if not items:
+        raise BodyError(422, "no_payloads", f"{field} holds no payloads")
+    dumps = orjson.dumps
+    parts = []
+    for i, item in enumerate(items):
+        if type(item) is not dict:
+            raise BodyError(
+                422,
+                "invalid_payload",
+                f"{field}[{i}] is {_json_type(item)}, not an object",
+                index=i,
+            )
+        parts.append(dumps(item))
+    parts.append(b"")
+    return b"\n".join(parts), len(items)
+
+
+def _parse_ndjson(body: bytes) -> Payloads:
+    lines = []
+    loads = orjson.loads
+    for number, line in enumerate(body.split(b"\n"), 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            doc = loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise _decode_error(exc, number) from None
+        if type(doc) is not dict:
+            raise BodyError(
+                422,
+                "invalid_payload",
+                f"line {number} is {_json_type(doc)}, not an object",
+                index=len(lines),
+                line=number,
+            )
+        lines.append(line)
+    lines.append(b"")
+    return Payloads(b"\n".join(lines), len(lines) - 1)

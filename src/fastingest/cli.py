@@ -1,0 +1,71 @@
+"""``fastingest`` command line: ``fastingest serve [options]``, ``fastingest --version``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from fastingest import __version__
+from fastingest.config import add_arguments, resolve
+
+DESCRIPTION = """\
+Take JSON payloads over HTTP and land every one of them in S3 or a directory.
+
+  POST /ingest    payloads: a {"version","token","data":[...]} collection, a JSON
+                  array, one JSON object (application/json), or NDJSON
+                  (application/x-ndjson); gzip/deflate/zstd bodies accepted
+  GET  /healthz   the process is alive
+  GET  /readyz    the sink is reachable and the server is not draining
+
+Every option has an environment variable twin; the command line wins. S3
+endpoint, region and credentials come from the standard AWS chain
+(AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_PROFILE, ...).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastingest",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"fastingest {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="run the ingest server",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "serve":
+        parser.print_help()
+        return 2
+    settings = resolve(args)
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from fastingest.server import serve  # aiohttp and aiobotocore load only to serve
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(settings))
+    else:
+        uvloop.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""Settings for ``fastingest serve``: every option, its default, and its environment twin.
+
+One table (``OPTIONS``) drives the argument parser, the ``--help`` text and the
+environment lookup, so a flag and its variable can never drift apart. Command
+line beats environment beats default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_LISTEN = "127.0.0.1:8000"
+DEFAULT_DATA_DIR = "fastingest-data"  # relative to the working directory
+DEFAULT_MAX_WORKERS = 16
+DEFAULT_MAX_QUEUE = 10_000  # queued requests (each holds one request's payloads)
+DEFAULT_MAX_QUEUE_BYTES = 32 * 1024 * 1024
+DEFAULT_BATCH_MAX_BYTES = 4 * 1024 * 1024  # uncompressed NDJSON per object
+DEFAULT_BATCH_MAX_PAYLOADS = 50_000
+DEFAULT_BATCH_MAX_AGE = 5.0  # seconds from a batch's first payload to its upload
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024  # per request, also after decompression
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+DEFAULT_UPLOAD_ATTEMPTS = 5
+DEFAULT_RETRY_BASE = 0.2  # seconds; doubled per attempt, with full jitter
+DEFAULT_RETRY_MAX = 10.0
+
+
+def _size(text: str) -> int:
+    """An integer byte count, with an optional K/M/G suffix (powers of 1024)."""
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        return value
+
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    env: tuple[str, ...]  # first is the documented twin; later ones are aliases
+    help: str
+    type: Callable[[str], Any] = str
+    choices: Sequence[str] | None = None
+    repeat: bool = False
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+OPTIONS: list[Option] = [
+    Option("--listen", ("FASTINGEST_LISTEN", "LISTEN"), "address to serve on, HOST:PORT", _listen),
+    Option(
+        "--sink",
+        ("FASTINGEST_SINK",),
+        "where objects land: file:///dir or s3://bucket/prefix "
+        "(default: file://<data-dir>/objects)",
+    ),
+    Option(
+        "--data-dir",
+        ("FASTINGEST_DATA_DIR",),
+        "local state: default sink and dead-letter directory",
+        Path,
+    ),
+    Option(
+        "--dead-letter-dir",
+        ("FASTINGEST_DEAD_LETTER_DIR",),
+        "objects that could not be uploaded (default: <data-dir>/dead-letter)",
+        Path,
+    ),
+    Option(
+        "--mode",
+        ("FASTINGEST_MODE",),
+        "one object per batch or per payload",
+        str,
+        ("batch", "per-payload"),
+    ),
+    Option(
+        "--max-workers",
+        ("FASTINGEST_MAX_WORKERS", "MAX_WORKERS"),
+        "concurrent uploads",
+        _positive(int),
+    ),
+    Option(
+        "--max-queue",
+        ("FASTINGEST_MAX_QUEUE", "MAX_QUEUE"),
+        "requests held in memory before answering 503",
+        _positive(int),
+    ),
+    Option(
+        "--max-queue-bytes",
+        ("FASTINGEST_MAX_QUEUE_BYTES",),
+        "payload bytes held in memory before answering 503 (K/M/G suffixes)",
+        _positive(_size),
+    ),
+    Option(
+        "--batch-max-bytes",
+        ("FASTINGEST_BATCH_MAX_BYTES",),
+        "close a batch at this many uncompressed bytes",
+        _positive(_size),
+    ),
+    Option(
+        "--batch-max-payloads",
+        ("FASTINGEST_BATCH_MAX_PAYLOADS",),
+        "close a batch at this many payloads",
+        _positive(int),
+    ),
+    Option(
+        "--batch-max-age",
+        ("FASTINGEST_BATCH_MAX_AGE",),
+        "close a batch this many seconds after its first payload",
+        _positive(float),
+    ),
+    Option(
+        "--compression",
+        ("FASTINGEST_COMPRESSION",),
+        "compression of batch objects",
+        str,
+        ("gzip", "zstd", "none"),
+    ),
+    Option(
+        "--max-body-bytes",
+        ("FASTINGEST_MAX_BODY_BYTES",),
+        "largest request body, also after decompression; larger gets 413",
+        _positive(_size),
+    ),
+    Option(
+        "--auth-token",
+        ("FASTINGEST_AUTH_TOKENS",),
+        "accepted bearer token; repeat for several (env: comma-separated)",
+        repeat=True,
+    ),
+    Option(
+        "--auth-token-file",
+        ("FASTINGEST_AUTH_TOKEN_FILE",),
+        "file with one accepted token per line",
+        Path,
+    ),
+    Option(
+        "--shutdown-timeout",
+        ("FASTINGEST_SHUTDOWN_TIMEOUT",),
+        "seconds to drain and upload on SIGTERM before dead-lettering the rest",
+        _positive(float),
+    ),
+    Option(
+        "--upload-attempts",
+        ("FASTINGEST_UPLOAD_ATTEMPTS",),
+        "tries per object before it goes to the dead-letter directory",
+        _positive(int),
+    ),
+    Option(
+        "--retry-base-delay",
+        ("FASTINGEST_RETRY_BASE_DELAY",),
+        "first retry waits up to this many seconds; doubles per attempt (full jitter), "
+        f"capped at {DEFAULT_RETRY_MAX:g}s",
+        _positive(float),
+    ),
+    Option(
+        "--log-level",
+        ("FASTINGEST_LOG_LEVEL",),
+        "logging level",
+        str.upper,
+        ("DEBUG", "INFO", "WARNING", "ERROR"),
+    ),
+]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings; see ``OPTIONS`` for what each one means."""
+
+    listen: tuple[str, int] = _listen(DEFAULT_LISTEN)
+    sink: str | None = None
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    dead_letter_dir: Path | None = None
+    mode: str = "batch"
+    max_workers: int = DEFAULT_MAX_WORKERS
+    max_queue: int = DEFAULT_MAX_QUEUE
+    max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES
+    batch_max_bytes: int = DEFAULT_BATCH_MAX_BYTES
+    batch_max_payloads: int = DEFAULT_BATCH_MAX_PAYLOADS
+    batch_max_age: float = DEFAULT_BATCH_MAX_AGE
+    compression: str = "gzip"
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    auth_token: tuple[str, ...] = ()
+    auth_token_file: Path | None = None
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    upload_attempts: int = DEFAULT_UPLOAD_ATTEMPTS
+    log_level: str = "INFO"
+    retry_base_delay: float = DEFAULT_RETRY_BASE
+    retry_max: float = field(default=DEFAULT_RETRY_MAX, repr=False)
+
+    @property
+    def sink_url(self) -> str:
+        return self.sink or (self.data_dir / "objects").resolve().as_uri()
+
+    @property
+    def dead_letter_path(self) -> Path:
+        return self.dead_letter_dir or self.data_dir / "dead-letter"
+
+    def tokens(self) -> list[str]:
+        """Every accepted token, from flags, environment and the token file."""
+        found = [t for t in self.auth_token if t]
+        if self.auth_token_file is not None:
+            lines = self.auth_token_file.read_text().splitlines()
+            found += [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+        return found
+
+
+def _shown_default(opt: Option) -> str:
+    if opt.dest == "listen":
+        return f"default: {DEFAULT_LISTEN}; "
+    value = {f.name: f.default for f in fields(Settings)}[opt.dest]
+    if value is None:  # the help text says what the default is derived from
+        return ""
+    return f"default: {value or 'none'}; "
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for opt in OPTIONS:
+        env = " or ".join(f"${e}" for e in opt.env)
+        parser.add_argument(
+            opt.flag,
+            dest=opt.dest,
+            type=opt.type,
+            choices=opt.choices,
+            action="append" if opt.repeat else "store",
+            default=None,
+            metavar=None if opt.choices else opt.dest.upper(),
+            help=f"{opt.help} [{_shown_default(opt)}env: {env}]",
+        )
+
+
+def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from parsed flags, then the environment, then the defaults."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        given = getattr(args, opt.dest, None)
+        if given is not None:
+            values[opt.dest] = tuple(given) if opt.repeat else given
+            continue
+        for name in opt.env:
+            raw = environ.get(name)
+            if raw is None or raw == "":
+                continue
+            try:
+                if opt.repeat:
+                    values[opt.dest] = tuple(t.strip() for t in raw.split(",") if t.strip())
+                else:
+                    value = opt.type(raw)
+                    if opt.choices is not None and value not in opt.choices:
+                        raise ValueError(f"choose from {', '.join(opt.choices)}")
+                    values[opt.dest] = value
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                raise SystemExit(f"fastingest: ${name}={raw!r}: {exc}") from None
+            break
+    return Settings(**values)

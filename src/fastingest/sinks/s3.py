@@ -1,0 +1,90 @@
+"""S3 (or any S3-compatible store) through one shared aiobotocore client per process.
+
+Endpoint, region and credentials come from the standard AWS chain
+(AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, AWS_REGION, keys, profiles), so MinIO
+or moto need no special flag. botocore's own retries are off: the pipeline
+retries with its own backoff, and this module only classifies errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import AsyncExitStack
+from typing import Any
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+from fastingest.batching import Upload
+from fastingest.sinks import SinkError
+
+THROTTLE_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests"}
+)
+READY_CACHE_SECONDS = 5.0
+
+
+def classify(exc: BaseException) -> SinkError:
+    """The one place that decides which store errors are worth a retry."""
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in THROTTLE_CODES or status in (429, 503):
+            return SinkError(f"throttled: {code or status}", retryable=True, kind="throttled")
+        if status >= 500 or status == 408:
+            return SinkError(f"server error {status} {code}", retryable=True, kind="5xx")
+        return SinkError(f"refused {status} {code}: {exc}", retryable=False, kind="4xx")
+    if isinstance(exc, (BotoCoreError, aiohttp.ClientError, asyncio.TimeoutError, OSError)):
+        return SinkError(f"network: {type(exc).__name__}: {exc}", retryable=True, kind="network")
+    return SinkError(f"{type(exc).__name__}: {exc}", retryable=False, kind="other")
+
+
+class S3Sink:
+    def __init__(self, bucket: str, prefix: str = "", *, max_connections: int = 16) -> None:
+        self.bucket = bucket
+        self.prefix = prefix
+        self._config = AioConfig(
+            retries={"total_max_attempts": 1},
+            connect_timeout=5,
+            read_timeout=30,
+            max_pool_connections=max_connections,
+        )
+        self._stack = AsyncExitStack()
+        self._client: Any = None
+        self._ready_until = 0.0
+
+    def __repr__(self) -> str:
+        return f"S3Sink(s3://{self.bucket}/{self.prefix})"
+
+    async def start(self) -> None:
+        self._client = await self._stack.enter_async_context(
+            get_session().create_client("s3", config=self._config)
+        )
+
+    async def put(self, upload: Upload) -> None:
+        try:
+            await self._client.put_object(
+                Bucket=self.bucket,
+                Key=upload.key,
+                Body=upload.body,
+                ContentMD5=upload.content_md5,
+                ContentType=upload.content_type,
+                Metadata=upload.metadata(),
+            )
+        except Exception as exc:
+            raise classify(exc) from exc
+
+    async def check(self) -> None:
+        if time.monotonic() < self._ready_until:
+            return
+        try:
+            await self._client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            raise classify(exc) from exc
+        self._ready_until = time.monotonic() + READY_CACHE_SECONDS
+
+    async def close(self) -> None:
+        await self._stack.aclose()

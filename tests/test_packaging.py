@@ -1,0 +1,98 @@
+"""The wheel carries the compiled core, and an installed fastingest uses it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import fastingest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_selector_uses_the_compiled_core_when_built():
+    if os.environ.get("FASTINGEST_NO_EXTENSIONS") == "1":
+        assert fastingest.RingQueue.__module__ == "fastingest._queue_py"
+        return
+    try:
+        import fastingest._queue as compiled
+    except ImportError:
+        pytest.skip("extension not built (pure-Python install)")
+    assert fastingest.USE_EXTENSIONS
+    assert fastingest.RingQueue is compiled.RingQueue
+    assert compiled.__file__.endswith(".so") or compiled.__file__.endswith(".pyd")
+
+
+def test_no_extensions_env_selects_the_twin():
+    code = "import fastingest; print(fastingest.RingQueue.__module__, fastingest.USE_EXTENSIONS)"
+    env = {**os.environ, "FASTINGEST_NO_EXTENSIONS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["fastingest._queue_py", "False"], out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_wheel_installs_into_a_fresh_venv_with_the_compiled_module(tmp_path):
+    src = tmp_path / "src-copy"
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            "build",
+            "dist",
+            "*.egg-info",
+            "*.so",
+            "_queue.c",
+            "__pycache__",
+            ".hypothesis",
+            ".pytest_cache",
+            "bench",
+            "tests",
+            "fastingest-data",
+        ),
+    )
+    dist = tmp_path / "dist"
+    # --no-isolation: build with this environment's Cython and setuptools (pinned in pyproject).
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--wheel",
+            "--no-isolation",
+            "--outdir",
+            str(dist),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = dist.glob("fastingest-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.startswith("fastingest/_queue.") and n.endswith(".so") for n in names), names
+    assert "fastingest/_queue.pyi" in names and "fastingest/py.typed" in names
+
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    py = env_dir / "bin" / "python"
+    # --no-deps: the queue core imports nothing outside the standard library.
+    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True)
+    code = (
+        "import fastingest, fastingest._queue as c\n"
+        "assert fastingest.USE_EXTENSIONS and fastingest.RingQueue is c.RingQueue\n"
+        "q = fastingest.RingQueue(2); q.put_nowait(b'x'); assert q.get_nowait() == b'x'\n"
+        "print(c.__file__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FASTINGEST_NO_EXTENSIONS"}
+    out = subprocess.run([py, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()).is_relative_to(env_dir)
