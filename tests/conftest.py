@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import uuid
+from collections.abc import Iterator
 
+import boto3
 import pytest
+from moto.server import ThreadedMotoServer
 
 from fastingest import _queue_py
 
@@ -36,3 +40,48 @@ def RingQueue(request: pytest.FixtureRequest) -> type:
 def impl_module(request: pytest.FixtureRequest):
     """The selector module reloaded so `fastingest.queue.RingQueue` is the chosen twin."""
     return importlib.import_module(request.param.__module__)
+
+
+# --- a real S3 API: moto in server mode, over HTTP on 127.0.0.1 -----------------
+
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(moto_endpoint):
+    return boto3.client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        **{
+            "aws_access_key_id": "testing",
+            "aws_secret_access_key": "testing",
+            "region_name": "us-east-1",
+        },
+    )
+
+
+@pytest.fixture
+def bucket(s3) -> str:
+    name = f"fi-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_env(moto_endpoint) -> dict[str, str]:
+    """Environment that points a server subprocess at moto through the standard AWS chain."""
+    return {**AWS_ENV, "AWS_ENDPOINT_URL": moto_endpoint}

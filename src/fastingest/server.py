@@ -182,19 +182,27 @@ async def serve(settings: Settings, *, started: Callable[[int], None] | None = N
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():  # a second signal must not cut the drain short and lose the queue
+            log.warning(
+                "%s again: still draining (up to %.0fs)", sig.name, settings.shutdown_timeout
+            )
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         await stop.wait()
+        started_at = loop.time()
+        log.info("stopping: no new connections, finishing requests, draining the queue")
+        await runner.cleanup()  # stop listening, let in-flight requests finish
+        left = max(0.1, settings.shutdown_timeout - (loop.time() - started_at))
+        await pipeline.stop(left)
+        await sink.close()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-    started_at = loop.time()
-    log.info("stopping: no new connections, finishing requests, draining the queue")
-    await runner.cleanup()  # stop listening, let in-flight requests finish
-    left = max(0.1, settings.shutdown_timeout - (loop.time() - started_at))
-    await pipeline.stop(left)
-    await sink.close()
     c = pipeline.counters
     log.info(
         "stopped: accepted %d payloads, uploaded %d in %d objects, dead-lettered %d, retries %s",

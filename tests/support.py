@@ -1,0 +1,207 @@
+"""Test helpers: run the real server as a subprocess, talk HTTP to it, count what landed."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)/ingest")
+
+
+class Server:
+    """``python -m fastingest serve`` in a subprocess, its log kept in memory."""
+
+    def __init__(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("FASTINGEST_", "MAX_"))}
+        clean.update(env or {})
+        cmd = [sys.executable, "-m", "fastingest", "serve", "--listen", "127.0.0.1:0", *args]
+        self.proc = subprocess.Popen(
+            cmd, cwd=cwd, env=clean, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        self.log: list[str] = []
+        self.port = 0
+        ready = threading.Event()
+
+        def pump() -> None:
+            assert self.proc.stderr is not None
+            for line in self.proc.stderr:
+                self.log.append(line)
+                if not self.port and (m := LISTENING.search(line)):
+                    self.port = int(m.group(1))
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not ready.wait(30) or not self.port:
+            self.proc.kill()
+            raise RuntimeError("server did not start:\n" + "".join(self.log))
+
+    @property
+    def text(self) -> str:
+        return "".join(self.log)
+
+    def request(self, method: str, path: str, body: bytes | None = None, **headers: str):
+        return request(self.port, method, path, body, headers)
+
+    def post(self, body: bytes, content_type: str = "application/json", **headers: str):
+        return self.request("POST", "/ingest", body, **{"Content-Type": content_type, **headers})
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError("server did not stop in time:\n" + self.text) from None
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], Any]:
+    """One request on a fresh connection; returns (status, headers, parsed JSON body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        raw = resp.read()
+        hdrs = {k.lower(): v for k, v in resp.getheaders()}
+        parsed = (
+            json.loads(raw) if hdrs.get("content-type", "").startswith("application/json") else raw
+        )
+        return resp.status, hdrs, parsed
+    finally:
+        conn.close()
+
+
+def unpack(body: bytes) -> bytes:
+    if body[:2] == b"\x1f\x8b":
+        return gzip.decompress(body)
+    if body[:4] == b"\x28\xb5\x2f\xfd":
+        return zstandard.ZstdDecompressor().stream_reader(body).read()
+    return body
+
+
+def lines_of(body: bytes, key: str) -> list[bytes]:
+    raw = unpack(body)
+    if key.endswith(".json"):
+        return [raw]
+    assert raw.endswith(b"\n"), f"{key}: NDJSON must end with a newline"
+    lines = raw.split(b"\n")[:-1]
+    for line in lines:
+        assert isinstance(json.loads(line), dict), f"{key}: a line is not a JSON object"
+    return lines
+
+
+def landed_s3(s3: Any, bucket: str) -> tuple[Counter[bytes], list[dict[str, Any]]]:
+    """Every payload in the bucket (as bytes, counted) and every object's metadata."""
+    payloads: Counter[bytes] = Counter()
+    objects = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for entry in page.get("Contents", []):
+            obj = s3.get_object(Bucket=bucket, Key=entry["Key"])
+            lines = lines_of(obj["Body"].read(), entry["Key"])
+            payloads.update(lines)
+            objects.append({"key": entry["Key"], "metadata": obj["Metadata"], "count": len(lines)})
+    return payloads, objects
+
+
+def landed_dir(root: Path) -> Counter[bytes]:
+    payloads: Counter[bytes] = Counter()
+    for path in sorted(root.rglob("*")):
+        if (
+            path.is_file()
+            and not path.name.endswith(".error.json")
+            and not path.name.startswith(".")
+        ):
+            payloads.update(lines_of(path.read_bytes(), path.name))
+    return payloads
+
+
+def wait_until(predicate: Any, timeout: float = 10, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+class FakeS3:
+    """A misbehaving S3 endpoint on 127.0.0.1: 'stall' (accept, never answer) or 'fail' (500)."""
+
+    def __init__(self, behaviour: str) -> None:
+        import socket
+
+        self.behaviour = behaviour
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.requests = 0
+        self._held: list[Any] = []
+        self._stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            if self.behaviour == "stall":
+                self._held.append(conn)  # keep it open, say nothing
+            else:
+                threading.Thread(target=self._fail, args=(conn,), daemon=True).start()
+
+    def _fail(self, conn: Any) -> None:
+        # Answer as soon as the headers are in, as S3 may (clients send Expect: 100-continue
+        # and wait before the body), then close.
+        body = b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"
+        with conn:
+            conn.settimeout(5)
+            buf = b""
+            try:
+                while b"\r\n\r\n" not in buf:
+                    part = conn.recv(65536)
+                    if not part:
+                        return
+                    buf += part
+                self.requests += 1
+                conn.sendall(
+                    b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/xml\r\n"
+                    b"Connection: close\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        for conn in self._held:
+            conn.close()
+
+
+def dead_lettered(root: Path) -> tuple[Counter[bytes], list[dict[str, Any]]]:
+    """Payloads in a dead-letter directory, and the error records beside them."""
+    errors = [json.loads(p.read_text()) for p in root.rglob("*.error.json")]
+    return landed_dir(root), errors

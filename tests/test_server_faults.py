@@ -1,0 +1,165 @@
+"""Overload, a failing or vanished S3, SIGTERM under load: nothing acknowledged is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from collections import Counter
+
+import aiohttp
+import orjson
+import pytest
+from support import FakeS3, Server, dead_lettered, landed_s3
+
+pytestmark = pytest.mark.timeout(180)
+
+FAST_RETRY = ["--upload-attempts", "3", "--retry-base-delay", "0.01"]
+
+
+def line(i: int, tag: str = "p") -> bytes:
+    return orjson.dumps({"id": f"{tag}-{i}", "seq": i})
+
+
+@pytest.fixture
+def stalled():
+    fake = FakeS3("stall")
+    yield fake
+    fake.close()
+
+
+def test_overload_answers_503_with_retry_after_and_loses_nothing(tmp_path, stalled, s3_env):
+    server = Server(
+        "--sink",
+        "s3://stalled",
+        "--max-workers",
+        "1",
+        "--max-queue",
+        "4",
+        "--batch-max-payloads",
+        "1",
+        "--shutdown-timeout",
+        "3",
+        cwd=tmp_path,
+        env={**s3_env, "AWS_ENDPOINT_URL": stalled.url},
+    )
+    accepted: Counter[bytes] = Counter()
+    refused = 0
+    for i in range(30):
+        status, headers, answer = server.post(line(i))
+        if status == 202:
+            accepted[line(i)] += 1
+        else:
+            assert status == 503, answer
+            assert answer["error"] == "overloaded"
+            assert int(headers["retry-after"]) >= 1
+            refused += 1
+    assert refused > 0 and accepted, "the queue never filled, or never took anything"
+    # Held in memory at most: 4 in the intake, 1 batcher hand-off, 1 job slot, 1 in the
+    # dispatcher's hand, 1 in flight to the stalled sink.
+    assert 4 <= sum(accepted.values()) <= 8
+    assert server.request("GET", "/healthz")[0] == 200  # still serving while full
+    assert server.stop() == 0
+    # The sink never answered: every acknowledged payload is in the dead-letter directory.
+    got, errors = dead_lettered(tmp_path / "fastingest-data" / "dead-letter")
+    assert got == accepted
+    assert all(e["error"] for e in errors)
+
+
+@pytest.mark.parametrize("failure", ["500", "gone"])
+def test_unstorable_objects_go_to_the_dead_letter_directory(tmp_path, s3_env, failure):
+    fake = FakeS3("fail") if failure == "500" else None
+    if fake is None:  # a port nothing listens on: the endpoint disappeared
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    else:
+        url = fake.url
+    server = Server(
+        "--sink",
+        "s3://lost/prefix",
+        "--batch-max-payloads",
+        "2",
+        *FAST_RETRY,
+        cwd=tmp_path,
+        env={**s3_env, "AWS_ENDPOINT_URL": url},
+    )
+    sent: Counter[bytes] = Counter()
+    for i in range(6):
+        assert server.post(line(i))[0] == 202
+        sent[line(i)] += 1
+    assert server.stop() == 0
+    got, errors = dead_lettered(tmp_path / "fastingest-data" / "dead-letter")
+    assert got == sent
+    assert len(errors) == 3 and all(e["attempts"] == 3 for e in errors)
+    assert all(e["key"].startswith("prefix/dt=") for e in errors)
+    if fake is not None:
+        assert fake.requests >= 9  # three attempts per object, each a real HTTP round trip
+        assert "server error 500" in errors[0]["error"]
+        fake.close()
+    else:
+        assert "network" in errors[0]["error"]
+
+
+async def _load(
+    port: int,
+    stop_after: float,
+    tag: str,
+    acked: list[bytes],
+    sent: list[bytes],
+    on_half: threading.Event,
+) -> None:
+    """32 clients POST 10-payload collections until the server goes away (bounded: 20 s)."""
+    deadline = time.monotonic() + 20
+    counter = iter(range(10**9))
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while time.monotonic() < deadline:
+            batch = [line(next(counter), tag) for _ in range(10)]
+            sent.extend(batch)
+            body = b'{"version":1,"data":[' + b",".join(batch) + b"]}"
+            try:
+                async with session.post(
+                    f"http://127.0.0.1:{port}/ingest",
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                ) as resp:
+                    await resp.read()
+                    if resp.status == 202:
+                        acked.extend(batch)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                return  # the server is gone; this request was not acknowledged
+            if len(acked) > stop_after:
+                on_half.set()
+
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        await asyncio.gather(*(client(session) for _ in range(32)))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_under_load_loses_nothing_acknowledged(tmp_path, s3, bucket, s3_env, sig):
+    server = Server(
+        "--sink", f"s3://{bucket}", "--batch-max-payloads", "500", cwd=tmp_path, env=s3_env
+    )
+    acked: list[bytes] = []
+    sent: list[bytes] = []
+    loaded = threading.Event()
+
+    def stopper() -> None:
+        loaded.wait(15)
+        server.proc.send_signal(sig)
+
+    threading.Thread(target=stopper, daemon=True).start()
+    asyncio.run(_load(server.port, 2000, "load", acked, sent, loaded))
+    assert server.stop() == 0
+    assert len(acked) >= 2000, "the load never got going"
+    got, _ = landed_s3(s3, bucket)
+    assert not got - Counter(sent), "something landed that was never sent"
+    assert all(n == 1 for n in got.values()), "a payload landed twice"
+    missing = Counter(acked) - got
+    assert not missing, f"{sum(missing.values())} acknowledged payloads were lost"
+    assert "dead-lettered 0" in server.text
