@@ -9,6 +9,7 @@ from collections import Counter
 import orjson
 import pytest
 import zstandard
+
 from support import Server, landed_dir, landed_s3
 
 pytestmark = pytest.mark.timeout(120)

@@ -11,6 +11,7 @@ from collections import Counter
 import aiohttp
 import orjson
 import pytest
+
 from support import FakeS3, Server, dead_lettered, landed_s3
 
 pytestmark = pytest.mark.timeout(180)
@@ -130,7 +131,7 @@ async def _load(
                     await resp.read()
                     if resp.status == 202:
                         acked.extend(batch)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 return  # the server is gone; this request was not acknowledged
             if len(acked) > stop_after:
                 on_half.set()
