@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import itertools
-import os
 import re
-import secrets
 import socket
 import time
 import zlib
@@ -50,28 +47,34 @@ def _gzip(data: bytes) -> bytes:
 
 
 class KeyMaker:
-    """Object keys unique across hosts, processes and restarts.
+    """Object keys that are unique, and the same again when a spool is replayed.
 
-    ``<prefix>dt=YYYY-MM-DD/hour=HH/<host>-<pid>-<boot>-<seq>.ndjson.gz`` for
-    batches, ``<prefix>dt=YYYY-MM-DD/<host>-<pid>-<boot>-<seq>.json`` per
-    payload. ``boot`` is random per process start, so a pid reused after a
-    restart (pid 1 in every container) never collides.
+    ``<prefix>dt=YYYY-MM-DD/hour=HH/<host>-<spool>-e<epoch>-<first>-<last>.ndjson.gz``
+    for a batch of chunks first..last, and
+    ``<prefix>dt=YYYY-MM-DD/<host>-<spool>-e<epoch>-<seq>-<line>.json`` per payload.
+    ``spool`` is the spool directory's id and ``epoch`` counts its starts, so keys
+    never repeat across hosts, processes or restarts, yet a crashed process's
+    objects get the very same keys when its spool is replayed.
     """
 
-    def __init__(self, prefix: str = "", host: str | None = None) -> None:
+    def __init__(self, prefix: str, spool_id: str, epoch: int, host: str | None = None) -> None:
         host = re.sub(r"[^A-Za-z0-9.-]", "_", host or socket.gethostname())[:63]
         self.prefix = prefix
-        self.stem = f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
-        self._seq = itertools.count(1)
+        self.base = f"{host}-{spool_id}"
+        self.epoch = epoch
 
-    def batch(self, opened: float, extension: str) -> str:
+    def batch(self, opened: float, first: int, last: int, extension: str) -> str:
         t = time.gmtime(opened)
         day, hour = time.strftime("%Y-%m-%d", t), time.strftime("%H", t)
-        return f"{self.prefix}dt={day}/hour={hour}/{self.stem}-{next(self._seq):010d}{extension}"
+        return (
+            f"{self.prefix}dt={day}/hour={hour}/"
+            f"{self.base}-e{self.epoch}-{first:012d}-{last:012d}{extension}"
+        )
 
-    def payload(self, received: float) -> str:
+    def payload(self, received: float, seq: int, line: int, epoch: int | None = None) -> str:
         day = time.strftime("%Y-%m-%d", time.gmtime(received))
-        return f"{self.prefix}dt={day}/{self.stem}-{next(self._seq):010d}.json"
+        epoch = self.epoch if epoch is None else epoch
+        return f"{self.prefix}dt={day}/{self.base}-e{epoch}-{seq:012d}-{line:05d}.json"
 
 
 @dataclass(slots=True)
@@ -84,6 +87,8 @@ class Upload:
     first: float  # receive time of the first and last payload (epoch seconds)
     last: float
     content_type: str
+    seqs: range = range(0)  # the request chunks this object holds (all or part of)
+    marker: int | None = None  # first seq of a batch whose marker is in the spool
     compression: str = "none"
     body: bytes = b""  # set by seal()
     sha256: str = ""  # of the uncompressed NDJSON, for downstream completeness checks
@@ -118,9 +123,10 @@ def _iso(ts: float) -> str:
 
 @dataclass(slots=True)
 class Batch:
-    """The open batch: chunks appended until a threshold closes it."""
+    """The open batch: chunks first..last appended until a threshold closes it."""
 
     opened: float
+    first: int
     max_bytes: int
     max_payloads: int
     parts: list[bytes] = field(default_factory=list)
@@ -139,21 +145,33 @@ class Batch:
         return self.nbytes >= self.max_bytes or self.payloads >= self.max_payloads
 
     def close(self, keys: KeyMaker, compression: str) -> Upload:
+        seqs = range(self.first, self.first + len(self.parts))
         return Upload(
-            key=keys.batch(self.opened, EXTENSIONS[compression]),
+            key=keys.batch(self.opened, seqs.start, seqs.stop - 1, EXTENSIONS[compression]),
             parts=self.parts,
             payloads=self.payloads,
             first=self.opened,
             last=self.last,
             content_type=CONTENT_TYPES[compression],
+            seqs=seqs,
+            marker=seqs.start,
             compression=compression,
         )
 
 
-def per_payload(chunk: bytes, keys: KeyMaker, now: float) -> list[Upload]:
+def per_payload(
+    chunk: bytes, seq: int, keys: KeyMaker, now: float, epoch: int | None = None
+) -> list[Upload]:
     """One object per payload, as in the original design."""
     return [
-        Upload(keys.payload(now), [line], 1, now, now, "application/json")
-        for line in chunk.split(b"\n")
-        if line
+        Upload(
+            keys.payload(now, seq, i, epoch),
+            [line],
+            1,
+            now,
+            now,
+            "application/json",
+            range(seq, seq + 1),
+        )
+        for i, line in enumerate(chunk.split(b"\n")[:-1])
     ]

@@ -27,6 +27,9 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_UPLOAD_ATTEMPTS = 5
 DEFAULT_RETRY_BASE = 0.2  # seconds; doubled per attempt, with full jitter
 DEFAULT_RETRY_MAX = 10.0
+DEFAULT_SPOOL_MAX_BYTES = 1024 * 1024 * 1024
+DEFAULT_IDEMPOTENCY_WINDOW = 600.0
+ACK_LEVELS = ("received", "durable", "uploaded")
 
 
 def _size(text: str) -> int:
@@ -77,9 +80,35 @@ OPTIONS: list[Option] = [
         "(default: file://<data-dir>/objects)",
     ),
     Option(
+        "--ack",
+        ("FASTINGEST_ACK",),
+        "when to answer: payloads in memory (received), fsynced to the spool (durable), "
+        "or stored in the sink (uploaded); a request may ask with X-Fastingest-Ack",
+        str,
+        ACK_LEVELS,
+    ),
+    Option(
+        "--spool-dir",
+        ("FASTINGEST_SPOOL_DIR",),
+        "the on-disk spool (default: <data-dir>/spool); one process per directory",
+        Path,
+    ),
+    Option(
+        "--spool-max-bytes",
+        ("FASTINGEST_SPOOL_MAX_BYTES",),
+        "spool size before answering 503 (K/M/G suffixes)",
+        _positive(_size),
+    ),
+    Option(
+        "--idempotency-window",
+        ("FASTINGEST_IDEMPOTENCY_WINDOW",),
+        "seconds a request's Idempotency-Key is remembered",
+        _positive(float),
+    ),
+    Option(
         "--data-dir",
         ("FASTINGEST_DATA_DIR",),
-        "local state: default sink and dead-letter directory",
+        "local state: default sink, spool and dead-letter directory",
         Path,
     ),
     Option(
@@ -191,6 +220,10 @@ class Settings:
 
     listen: tuple[str, int] = _listen(DEFAULT_LISTEN)
     sink: str | None = None
+    ack: str = "durable"
+    spool_dir: Path | None = None
+    spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES
+    idempotency_window: float = DEFAULT_IDEMPOTENCY_WINDOW
     data_dir: Path = Path(DEFAULT_DATA_DIR)
     dead_letter_dir: Path | None = None
     mode: str = "batch"
@@ -213,6 +246,10 @@ class Settings:
     @property
     def sink_url(self) -> str:
         return self.sink or (self.data_dir / "objects").resolve().as_uri()
+
+    @property
+    def spool_path(self) -> Path:
+        return self.spool_dir or self.data_dir / "spool"
 
     @property
     def dead_letter_path(self) -> Path:

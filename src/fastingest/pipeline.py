@@ -1,14 +1,21 @@
 """The payload's road from an accepted request to the sink.
 
-    submit()  ->  intake: RingQueue of NDJSON chunks (bounded by count and bytes)
+    submit()  ->  spool: append the chunk (fsynced by group commit)    [ack durable]
+              ->  intake: RingQueue of NDJSON chunks (bounded by count and bytes)
               ->  batcher task: chunks -> open Batch -> Upload  (or one Upload per payload)
+                  a closing batch is recorded in the spool before its upload
               ->  jobs: RingQueue of Upload (one slot per worker: backpressure to the batcher)
               ->  WorkerPool: seal (compress, in a thread) -> sink.put with retries
-              ->  sink, or the dead-letter directory after the last attempt
+              ->  sink, or the dead-letter directory after the last attempt   [ack uploaded]
+              ->  spool: chunks stored, segments freed
 
-Everything the pipeline holds is always reachable from it (intake, the open
-batch, hand-offs, jobs, in-flight uploads), so a shutdown that runs out of time
-can dead-letter all of it instead of dropping it.
+Every chunk gets a sequence number when accepted. The intake is FIFO with one
+producer (the event loop) and one consumer (the batcher), so the batcher knows
+each chunk's number by counting; the numbers name the objects (see KeyMaker).
+
+Everything the pipeline holds is reachable from it (intake, the open batch,
+hand-offs, jobs, in-flight uploads), so a shutdown that runs out of time
+dead-letters all of it instead of dropping it.
 """
 
 from __future__ import annotations
@@ -20,28 +27,40 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from fastingest.batching import Batch, KeyMaker, Upload, compressor, per_payload
+from fastingest.batching import (
+    CONTENT_TYPES,
+    EXTENSIONS,
+    Batch,
+    KeyMaker,
+    Upload,
+    compressor,
+    per_payload,
+)
 from fastingest.config import Settings
 from fastingest.deadletter import DeadLetter
 from fastingest.errors import QueueClosed
 from fastingest.pool import WorkerPool
 from fastingest.queue import RingQueue
 from fastingest.sinks import Sink, SinkError
+from fastingest.spool import BATCH, DATA, LAST_SEQ, Record, Spool, SpoolError
 
 log = logging.getLogger("fastingest.pipeline")
 
 DRAIN_CHUNKS = 1024  # chunks the batcher takes from the intake per round
 SEAL_IN_THREAD_BYTES = 64 * 1024  # smaller bodies compress faster than a thread hop
+MARKER_RETRY = 0.5  # seconds between tries to record a closing batch on a failing disk
 
 
 @dataclass
 class Counters:
-    """Running totals; accepted == uploaded + dead-lettered + still held, always."""
+    """Running totals: accepted == stored + dead-lettered + held, at every moment."""
 
     accepted_requests: int = 0
     accepted_payloads: int = 0
     accepted_bytes: int = 0
     overloaded_requests: int = 0
+    spool_refused_requests: int = 0
+    replayed_payloads: int = 0
     uploaded_objects: int = 0
     uploaded_payloads: int = 0
     uploaded_bytes: int = 0
@@ -52,7 +71,7 @@ class Pipeline:
     def __init__(self, settings: Settings, sink: Sink) -> None:
         self.settings = settings
         self.sink = sink
-        self.keys = KeyMaker(sink.prefix)
+        self.spool = Spool(settings.spool_path, settings.spool_max_bytes)
         self.per_payload = settings.mode == "per-payload"
         self.compress = compressor("none" if self.per_payload else settings.compression)
         self.intake: RingQueue[bytes] = RingQueue(settings.max_queue, settings.max_queue_bytes)
@@ -66,31 +85,121 @@ class Pipeline:
         )
         self.dead_letter = DeadLetter(settings.dead_letter_path)
         self.counters = Counters()
+        self.keys: KeyMaker | None = None  # known once the spool is open
+        self._next_seq = 0  # given to the next accepted chunk
+        self._taken_seq = 0  # of the next chunk the batcher takes from the intake
         self._open: Batch | None = None
         self._open_deadline = 0.0  # monotonic time the open batch must close by
         self._handoff: list[Upload] = []  # closed, not yet in `jobs`
         self._in_flight: dict[int, Upload] = {}  # id -> upload being stored by a worker
+        self._parts_left: dict[int, int] = {}  # per-payload mode: seq -> objects to go
+        self._upload_waiters: dict[int, asyncio.Future[bool]] = {}  # seq -> ack "uploaded"
         self._batcher: asyncio.Task[None] | None = None
+
+    # --- start ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the spool, start the workers, and put back what an earlier run left."""
+        records = self.spool.open()
+        self.keys = KeyMaker(self.sink.prefix, self.spool.id, self.spool.epoch)
+        seqs = [r.seq for r in records] + [r.batch[0] for r in records if r.kind == BATCH]
+        self._next_seq = self._taken_seq = max(seqs, default=-1) + 1
+        self._batcher = asyncio.get_running_loop().create_task(
+            self._batch_loop(), name="fastingest-batcher"
+        )
+        self.pool.start()
+        if records:
+            await self._replay(records)
+
+    async def _replay(self, records: list[Record]) -> None:
+        """Rebuild the objects a crashed run may have uploaded (same keys), requeue the rest."""
+        assert self.keys is not None
+        data = {r.seq: r for r in records if r.kind == DATA}
+        covered: set[int] = set()
+        for m in (r for r in records if r.kind == BATCH):
+            last, key = m.batch
+            seqs = range(m.seq, last + 1)
+            covered.update(seqs)
+            if not all(s in data for s in seqs):
+                # Part of it is gone: its segment was freed because the batch was stored.
+                self.spool.stored([s for s in seqs if s in data], marker=m.seq)
+                continue
+            chunks = [data[s].body for s in seqs]
+            compression = next((c for c, ext in EXTENSIONS.items() if key.endswith(ext)), "none")
+            upload = Upload(
+                key,
+                chunks,
+                sum(c.count(b"\n") for c in chunks),
+                m.time,
+                max(data[s].time for s in seqs),
+                CONTENT_TYPES[compression],
+                seqs,
+                m.seq,
+                compression,
+            )
+            await self._replayed(upload)
+        requeue = [data[s] for s in sorted(data) if s not in covered]
+        if self.per_payload:
+            for r in requeue:
+                uploads = per_payload(r.body, r.seq, self.keys, r.time, r.epoch)
+                if len(uploads) > 1:
+                    self._parts_left[r.seq] = len(uploads)
+                for upload in uploads:
+                    await self._replayed(upload)
+        else:
+            # Never part of a recorded batch, so never uploaded: take them in again.
+            ticket = 0
+            for r in requeue:
+                await self.intake.aput(r.body)
+                ticket = self._spool_data(r.body)
+                self.counters.replayed_payloads += r.body.count(b"\n")
+            if requeue:
+                await self.spool.wait(ticket)
+                self.spool.stored([r.seq for r in requeue])  # the copies are durable now
+        log.info(
+            "replayed the spool: %d chunks, %d damaged tails quarantined",
+            len(data),
+            self.spool.damaged,
+        )
+
+    async def _replayed(self, upload: Upload) -> None:
+        self.counters.replayed_payloads += upload.payloads
+        await self.jobs.aput(upload)
 
     # --- intake -----------------------------------------------------------------
 
-    def submit(self, chunk: bytes, payloads: int) -> None:
-        """Queue one request's payloads; raises QueueFull or QueueClosed, taking nothing."""
+    def submit(self, chunk: bytes, payloads: int) -> tuple[int, int]:
+        """Queue one request's payloads, taking all or nothing.
+
+        Returns (seq, spool ticket). Raises QueueFull, QueueClosed or SpoolError.
+        """
+        self.spool.check(len(chunk))
         self.intake.put_nowait(chunk)
         c = self.counters
         c.accepted_requests += 1
         c.accepted_payloads += payloads
         c.accepted_bytes += len(chunk)
+        seq = self._next_seq
+        return seq, self._spool_data(chunk)
+
+    def _spool_data(self, chunk: bytes) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        return self.spool.append(DATA, seq, time.time(), chunk)
+
+    async def durable(self, ticket: int) -> None:
+        """Wait until the chunk behind `ticket` is fsynced (SpoolError if that failed)."""
+        await self.spool.wait(ticket)
+
+    async def uploaded(self, seq: int) -> bool:
+        """Wait until chunk `seq` is stored: True in the sink, False in the dead-letter dir."""
+        fut = asyncio.get_running_loop().create_future()
+        self._upload_waiters[seq] = fut
+        return await fut
 
     @property
     def accepting(self) -> bool:
         return not self.intake.closed
-
-    def start(self) -> None:
-        self._batcher = asyncio.get_running_loop().create_task(
-            self._batch_loop(), name="fastingest-batcher"
-        )
-        self.pool.start()
 
     # --- batcher ----------------------------------------------------------------
 
@@ -123,15 +232,20 @@ class Pipeline:
             return []
 
     def _frame(self, chunks: list[bytes]) -> None:
+        assert self.keys is not None
         now = time.time()
-        if self.per_payload:
-            for chunk in chunks:
-                self._handoff += per_payload(chunk, self.keys, now)
-            return
         s = self.settings
         for chunk in chunks:
+            seq = self._taken_seq
+            self._taken_seq += 1
+            if self.per_payload:
+                uploads = per_payload(chunk, seq, self.keys, now)
+                if len(uploads) > 1:
+                    self._parts_left[seq] = len(uploads)
+                self._handoff += uploads
+                continue
             if self._open is None:
-                self._open = Batch(now, s.batch_max_bytes, s.batch_max_payloads)
+                self._open = Batch(now, seq, s.batch_max_bytes, s.batch_max_payloads)
                 self._open_deadline = time.monotonic() + s.batch_max_age
             self._open.add(chunk, now)
             if self._open.full:
@@ -139,13 +253,29 @@ class Pipeline:
 
     def _close_open(self) -> None:
         if self._open is not None and self._open.payloads:
+            assert self.keys is not None
             self._handoff.append(self._open.close(self.keys, self.settings.compression))
         self._open = None
 
     async def _hand_over(self) -> None:
         while self._handoff:
-            await self.jobs.aput(self._handoff[0])
+            upload = self._handoff[0]
+            if upload.marker is not None:
+                await self._record_batch(upload)
+            await self.jobs.aput(upload)
             self._handoff.pop(0)
+
+    async def _record_batch(self, upload: Upload) -> None:
+        """Make the batch's boundaries durable before its upload may begin."""
+        body = LAST_SEQ.pack(upload.seqs.stop - 1) + upload.key.encode()
+        while True:
+            try:
+                await self.spool.wait(
+                    self.spool.append(BATCH, upload.seqs.start, upload.first, body)
+                )
+                return
+            except SpoolError:
+                await asyncio.sleep(MARKER_RETRY)
 
     # --- workers ----------------------------------------------------------------
 
@@ -191,12 +321,28 @@ class Pipeline:
         c.uploaded_objects += 1
         c.uploaded_payloads += upload.payloads
         c.uploaded_bytes += len(upload.body)
+        self._done(upload, True)
 
     def _give_up(self, upload: Upload, exc: BaseException | str, attempts: int) -> None:
         if not upload.body:
             upload.seal(self.compress)
         self.dead_letter.store(upload, exc, attempts)
         self._in_flight.pop(id(upload), None)
+        self._done(upload, False)
+
+    def _done(self, upload: Upload, uploaded: bool) -> None:
+        """`upload` is stored (sink or dead letter): free its spool records, answer waiters."""
+        finished = []
+        for seq in upload.seqs:
+            left = self._parts_left.get(seq)
+            if left is not None and left > 1:
+                self._parts_left[seq] = left - 1
+                continue
+            self._parts_left.pop(seq, None)
+            finished.append(seq)
+            if (fut := self._upload_waiters.pop(seq, None)) is not None and not fut.done():
+                fut.set_result(uploaded)
+        self.spool.stored(finished, marker=upload.marker)
 
     def _unexpected(self, upload: Upload, exc: BaseException) -> None:
         # _store handles its own errors; this is the pool's safety net for a bug in it.
@@ -212,9 +358,13 @@ class Pipeline:
             async with asyncio.timeout(timeout):
                 await self._batcher
                 await self.pool.stop(drain=True)  # type: ignore[misc]
-            return
         except TimeoutError:
             log.error("shutdown deadline (%.1fs) passed: dead-lettering what is left", timeout)
+            await self._dead_letter_everything()
+        await self.spool.close()
+
+    async def _dead_letter_everything(self) -> None:
+        assert self._batcher is not None
         self._batcher.cancel()
         await asyncio.gather(self._batcher, return_exceptions=True)
         left = await self.pool.abort()
@@ -232,8 +382,3 @@ class Pipeline:
         for upload in left:
             self._give_up(upload, "shutdown deadline passed before upload", 0)
         self._in_flight.clear()
-
-    def held_payloads(self) -> int:
-        """Payloads accepted but neither uploaded nor dead-lettered yet."""
-        c = self.counters
-        return c.accepted_payloads - c.uploaded_payloads - self.dead_letter.payloads

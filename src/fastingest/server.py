@@ -17,10 +17,12 @@ import orjson
 from aiohttp import web
 
 from fastingest.bodies import BodyError, decompress, parse
-from fastingest.config import Settings
+from fastingest.config import ACK_LEVELS, Settings
 from fastingest.errors import QueueClosed, QueueFull
+from fastingest.idempotency import IdempotencyCache
 from fastingest.pipeline import Pipeline
 from fastingest.sinks import Sink, SinkError, open_sink
+from fastingest.spool import SpoolError
 
 log = logging.getLogger("fastingest.server")
 
@@ -28,11 +30,18 @@ RETRY_AFTER_SECONDS = "1"
 PIPELINE: web.AppKey[Pipeline] = web.AppKey("pipeline", Pipeline)
 TOKENS: web.AppKey[list[bytes]] = web.AppKey("tokens", list)
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
+IDEMPOTENCY: web.AppKey[IdempotencyCache] = web.AppKey("idempotency", IdempotencyCache)
+ACK_HEADER = "X-Fastingest-Ack"
 
 
-def json_response(status: int, body: dict[str, object], **headers: str) -> web.Response:
+def json_response(
+    status: int, body: dict[str, object], headers: dict[str, str] | None = None, **more: str
+) -> web.Response:
     return web.Response(
-        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+        status=status,
+        body=orjson.dumps(body),
+        content_type="application/json",
+        headers={**(headers or {}), **more},
     )
 
 
@@ -48,7 +57,12 @@ async def json_errors(
     try:
         return await handler(request)
     except BodyError as exc:
-        return json_response(exc.status, exc.body())
+        headers = {}
+        if exc.status == 503:
+            headers["Retry-After"] = RETRY_AFTER_SECONDS
+        elif exc.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="fastingest"'
+        return json_response(exc.status, exc.body(), headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -76,22 +90,39 @@ def _authorized(candidate: str | None, tokens: list[bytes]) -> bool:
 
 
 async def ingest(request: web.Request) -> web.Response:
+    key = request.headers.get("Idempotency-Key")
+    if not key:
+        return json_response(*await accept(request))
+    cache = request.app[IDEMPOTENCY]
+    if (first := cache.get(key)) is not None:
+        status, body = await asyncio.shield(first)
+        return json_response(status, body, **{"Idempotent-Replayed": "true"})
+    fut = cache.begin(key)
+    answer = None
+    try:
+        answer = await accept(request)
+    finally:
+        cache.finish(key, fut, answer)
+    return json_response(*answer)
+
+
+async def accept(request: web.Request) -> tuple[int, dict[str, object], dict[str, str]]:
+    """Take one request's payloads; returns (status, body, headers) or raises BodyError."""
     pipeline, tokens = request.app[PIPELINE], request.app[TOKENS]
-    limit = request.app[SETTINGS].max_body_bytes
+    settings = request.app[SETTINGS]
+    limit = settings.max_body_bytes
+    ack = request.headers.get(ACK_HEADER, settings.ack).lower()
+    if ack not in ACK_LEVELS:
+        raise BodyError(400, "bad_ack", f"{ACK_HEADER} must be one of {', '.join(ACK_LEVELS)}")
     if not pipeline.accepting:
-        return error(
-            503,
-            "shutting_down",
-            "this server is draining; retry elsewhere",
-            **{"Retry-After": RETRY_AFTER_SECONDS},
-        )
+        raise BodyError(503, "shutting_down", "this server is draining; retry elsewhere")
     bearer = None
     if tokens:
         auth = request.headers.get("Authorization", "")
         if auth:
             scheme, _, bearer = auth.partition(" ")
             if scheme.lower() != "bearer" or not _authorized(bearer.strip(), tokens):
-                return _unauthorized("bad bearer token")
+                raise BodyError(401, "unauthorized", "bad bearer token")
     if request.content_length is not None and request.content_length > limit:
         raise BodyError(
             413, "body_too_large", f"body of {request.content_length} bytes is over {limit}"
@@ -100,29 +131,35 @@ async def ingest(request: web.Request) -> web.Response:
     body = decompress(await request.read(), request.headers.get("Content-Encoding", ""), limit)
     payloads = parse(body, content_type)
     if tokens and bearer is None and not _authorized(payloads.token, tokens):
-        return _unauthorized("send Authorization: Bearer <token> or the collection's token field")
+        raise BodyError(
+            401,
+            "unauthorized",
+            "send Authorization: Bearer <token> or the collection's token field",
+        )
     try:
-        pipeline.submit(payloads.chunk, payloads.count)
+        seq, ticket = pipeline.submit(payloads.chunk, payloads.count)
     except QueueFull:
         pipeline.counters.overloaded_requests += 1
-        return error(
-            503,
-            "overloaded",
-            "the ingest queue is full; retry after a moment",
-            **{"Retry-After": RETRY_AFTER_SECONDS},
-        )
+        raise BodyError(
+            503, "overloaded", "the ingest queue is full; retry after a moment"
+        ) from None
     except QueueClosed:
-        return error(
-            503,
-            "shutting_down",
-            "this server is draining; retry elsewhere",
-            **{"Retry-After": RETRY_AFTER_SECONDS},
-        )
-    return json_response(202, {"accepted": payloads.count})
-
-
-def _unauthorized(detail: str) -> web.Response:
-    return error(401, "unauthorized", detail, **{"WWW-Authenticate": 'Bearer realm="fastingest"'})
+        raise BodyError(503, "shutting_down", "this server is draining; retry elsewhere") from None
+    except SpoolError as exc:
+        pipeline.counters.spool_refused_requests += 1
+        raise BodyError(503, "spool_unavailable", str(exc)) from None
+    answer: dict[str, object] = {"accepted": payloads.count, "ack": ack}
+    if ack == "received":
+        return 202, answer, {}
+    try:
+        await pipeline.durable(ticket)
+    except SpoolError as exc:
+        # Already in the memory queue, so it may still be delivered: at least once, not lost.
+        pipeline.counters.spool_refused_requests += 1
+        raise BodyError(503, "spool_unavailable", str(exc)) from None
+    if ack == "uploaded" and not await pipeline.uploaded(seq):
+        answer.update(ack="durable", dead_lettered=True)
+    return 202, answer, {}
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -145,6 +182,7 @@ def make_app(settings: Settings, pipeline: Pipeline) -> web.Application:
     app[PIPELINE] = pipeline
     app[TOKENS] = [t.encode() for t in settings.tokens()]
     app[SETTINGS] = settings
+    app[IDEMPOTENCY] = IdempotencyCache(settings.idempotency_window)
     app.router.add_post("/ingest", ingest)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -156,7 +194,7 @@ async def serve(settings: Settings, *, started: Callable[[int], None] | None = N
     sink: Sink = open_sink(settings.sink_url, max_connections=settings.max_workers)
     await sink.start()
     pipeline = Pipeline(settings, sink)
-    pipeline.start()
+    await pipeline.start()  # replays the spool before the first request
     # auto_decompress=False: bodies are inflated by bodies.decompress, under the size limit.
     runner = web.AppRunner(
         make_app(settings, pipeline),
@@ -170,11 +208,12 @@ async def serve(settings: Settings, *, started: Callable[[int], None] | None = N
     await site.start()
     bound = runner.addresses[0][1]
     log.info(
-        "fastingest listening on http://%s:%d/ingest; sink %r, mode %s, %d workers",
+        "fastingest listening on http://%s:%d/ingest; sink %r, mode %s, ack %s, %d workers",
         host,
         bound,
         sink,
         settings.mode,
+        settings.ack,
         settings.max_workers,
     )
     if started is not None:

@@ -10,15 +10,28 @@ from fastingest.batching import Upload
 from fastingest.sinks import SinkError
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Readers see the whole file or nothing: write a temporary, fsync, rename."""
+def write_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
+    """Readers see the whole file or nothing: write a temporary, fsync, rename.
+
+    `exclusive`: never replace an existing file (link instead of rename); returns
+    False when `path` already existed.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    if not exclusive:
+        os.replace(tmp, path)
+        return True
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
 
 
 class LocalSink:
@@ -35,7 +48,10 @@ class LocalSink:
 
     async def put(self, upload: Upload) -> None:
         try:
-            await asyncio.to_thread(write_atomic, self.root / upload.key, upload.body)
+            # Exclusive: keys are deterministic, so an existing file is this very object.
+            await asyncio.to_thread(
+                write_atomic, self.root / upload.key, upload.body, exclusive=True
+            )
         except OSError as exc:  # ENOSPC and friends: worth retrying, then dead-letter
             raise SinkError(
                 f"{exc.strerror or exc}: {exc.filename}", retryable=True, kind="os"

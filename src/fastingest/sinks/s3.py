@@ -9,6 +9,7 @@ retries with its own backoff, and this module only classifies errors.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from contextlib import AsyncExitStack
 from typing import Any
@@ -20,6 +21,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from fastingest.batching import Upload
 from fastingest.sinks import SinkError
+
+log = logging.getLogger("fastingest.sinks.s3")
 
 THROTTLE_CODES = frozenset(
     {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests"}
@@ -55,6 +58,8 @@ class S3Sink:
         self._stack = AsyncExitStack()
         self._client: Any = None
         self._ready_until = 0.0
+        self.conditional = True  # If-None-Match: * on every PUT, while the store allows it
+        self.already_stored = 0
 
     def __repr__(self) -> str:
         return f"S3Sink(s3://{self.bucket}/{self.prefix})"
@@ -65,6 +70,12 @@ class S3Sink:
         )
 
     async def put(self, upload: Upload) -> None:
+        """Store `upload` once: an object already under its key counts as stored.
+
+        Keys are deterministic (see KeyMaker), so an existing key means an earlier
+        attempt or a crashed run already stored these very payloads.
+        """
+        extra = {"IfNoneMatch": "*"} if self.conditional else {}
         try:
             await self._client.put_object(
                 Bucket=self.bucket,
@@ -73,7 +84,23 @@ class S3Sink:
                 ContentMD5=upload.content_md5,
                 ContentType=upload.content_type,
                 Metadata=upload.metadata(),
+                **extra,
             )
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if status == 412:
+                self.already_stored += 1
+                return
+            if status == 501 and self.conditional:
+                log.warning(
+                    "s3://%s does not support conditional writes; re-uploads after a "
+                    "crash may overwrite objects with the same content",
+                    self.bucket,
+                )
+                self.conditional = False
+                await self.put(upload)
+                return
+            raise classify(exc) from exc
         except Exception as exc:
             raise classify(exc) from exc
 

@@ -1,0 +1,361 @@
+"""The on-disk spool: what makes "acknowledged" survive ``kill -9``.
+
+Every accepted request is appended, in acceptance order, to an append-only
+segment file as one record. A flusher task writes and fsyncs whatever has
+accumulated in one go (group commit: requests that arrive together share one
+fsync), so a ``durable`` answer costs one fsync shared by many requests.
+
+Record: ``<u32 body length><u32 crc32 of the rest><u8 kind><u64 seq><f64 time><body>``.
+``DATA`` records hold one request's NDJSON chunk under its sequence number.
+``BATCH`` records are written (and fsynced) when a batch closes, before its
+upload: ``seq`` is its first chunk, the body its last chunk and its object key.
+So after a crash, replay rebuilds exactly the objects that may already have
+been uploaded, under the same keys, and a conditional PUT turns the repeat
+into a no-op instead of a duplicate.
+
+A segment is deleted once every record in it is stored (uploaded or
+dead-lettered). A torn or corrupt tail found at start is moved to
+``quarantine/`` and reported; the process starts anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import fcntl
+import logging
+import os
+import secrets
+import struct
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("fastingest.spool")
+
+MAGIC = b"FISPOOL1"
+SEGMENT_HEADER = struct.Struct("<8sI")  # magic, epoch
+RECORD = struct.Struct("<IIBQd")  # body length, crc32, kind, seq, time
+CRC_FROM = 8  # the crc covers kind, seq, time and body
+LAST_SEQ = struct.Struct("<Q")
+DATA, BATCH = 1, 2
+DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+MAX_RECORD = 1 << 30
+FAILED_BACKOFF = 1.0  # seconds new requests are refused after a failed flush
+
+
+class SpoolError(Exception):
+    """The spool cannot take more now: full, or the disk failed. Answer 503."""
+
+
+@dataclass(slots=True)
+class Record:
+    kind: int
+    seq: int
+    time: float
+    body: bytes
+    epoch: int  # of the process that wrote it
+
+    @property
+    def batch(self) -> tuple[int, str]:
+        """For BATCH records: (last seq, key)."""
+        (last,) = LAST_SEQ.unpack_from(self.body)
+        return last, self.body[LAST_SEQ.size :].decode()
+
+
+def frame(kind: int, seq: int, ts: float, body: bytes) -> bytes:
+    rest = RECORD.pack(len(body), 0, kind, seq, ts)[CRC_FROM:] + body
+    return struct.pack("<II", len(body), zlib.crc32(rest)) + rest
+
+
+@dataclass(slots=True)
+class Segment:
+    path: Path
+    epoch: int
+    size: int = 0
+    seqs: list[int] = field(default_factory=list)  # data seqs, ascending
+    pending: int = 0  # records not yet stored (data chunks and batch markers)
+
+
+def read_segment(path: Path, quarantine: Path) -> tuple[int, list[Record], int]:
+    """(epoch, records, good size). A damaged tail is moved to `quarantine`."""
+    data = path.read_bytes()
+    if len(data) < SEGMENT_HEADER.size or data[:8] != MAGIC:
+        _quarantine(path, data, 0, quarantine, "bad segment header")
+        return 0, [], 0
+    _, epoch = SEGMENT_HEADER.unpack_from(data)
+    records: list[Record] = []
+    pos = SEGMENT_HEADER.size
+    while pos < len(data):
+        if pos + RECORD.size > len(data):
+            reason = "torn record header"
+            break
+        length, crc, kind, seq, ts = RECORD.unpack_from(data, pos)
+        end = pos + RECORD.size + length
+        if length > MAX_RECORD or end > len(data):
+            reason = "torn record (length past the end)"
+            break
+        if zlib.crc32(data[pos + CRC_FROM : end]) != crc or kind not in (DATA, BATCH):
+            reason = "checksum mismatch"
+            break
+        records.append(Record(kind, seq, ts, data[pos + RECORD.size : end], epoch))
+        pos = end
+    else:
+        return epoch, records, pos
+    _quarantine(path, data, pos, quarantine, reason)
+    return epoch, records, pos
+
+
+def _quarantine(path: Path, data: bytes, pos: int, quarantine: Path, reason: str) -> None:
+    quarantine.mkdir(parents=True, exist_ok=True)
+    target = quarantine / f"{path.name}.{pos}.bad"
+    target.write_bytes(data[pos:])
+    with open(path, "r+b") as f:
+        f.truncate(pos)
+        os.fsync(f.fileno())
+    log.error(
+        "spool %s: %s at byte %d; %d damaged bytes moved to %s, starting anyway",
+        path.name,
+        reason,
+        pos,
+        len(data) - pos,
+        target,
+    )
+
+
+class Spool:
+    def __init__(
+        self, root: Path, max_bytes: int, segment_bytes: int = DEFAULT_SEGMENT_BYTES
+    ) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.quarantine = root / "quarantine"
+        self.id = ""  # stable across restarts of this spool directory
+        self.epoch = 0  # increments at every start: keys never repeat across restarts
+        self.segments: list[Segment] = []  # oldest first; the last one is being written
+        self._by_seq: list[tuple[int, Segment]] = []  # (first data seq, segment), ascending
+        self._marks: dict[int, Segment] = {}  # batch first seq -> segment of its marker
+        self._early: set[tuple[int, int]] = set()  # (kind, seq) stored before it was written
+        self._buffer: list[bytes] = []
+        self._metas: list[tuple[int, int]] = []  # (kind, seq) of each buffered record
+        self._buffered = 0
+        self._appended = 0  # records appended, ever
+        self._durable = 0  # records known to be on disk
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._file: int = -1
+        self._lock_fd = -1
+        self._failed_until = 0.0
+        self.on_disk = 0  # bytes in segment files
+        self.damaged = 0  # quarantined tails found at start
+
+    # --- start: lock, identity, replay ---------------------------------------
+
+    def open(self) -> list[Record]:
+        """Lock the directory, read what earlier runs left, start a new segment."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(
+                f"fastingest: spool {self.root} is in use by another process"
+            ) from None
+        self.id = self._state("id", lambda old: old or secrets.token_hex(4))
+        self.epoch = int(self._state("epoch", lambda old: str(int(old or 0) + 1)))
+        records: list[Record] = []
+        for path in sorted(self.root.glob("seg-*.log")):
+            before = len(list(self.quarantine.glob("*.bad"))) if self.quarantine.exists() else 0
+            epoch, found, size = read_segment(path, self.quarantine)
+            after = len(list(self.quarantine.glob("*.bad"))) if self.quarantine.exists() else 0
+            self.damaged += after - before
+            seg = Segment(path, epoch, size)
+            self.segments.append(seg)
+            for r in found:
+                self._count(seg, r.kind, r.seq)
+            records += found
+            self.on_disk += size
+        self._rotate()
+        return records
+
+    def _state(self, name: str, update: object) -> str:
+        path = self.root / name
+        old = path.read_text().strip() if path.exists() else ""
+        new = update(old)  # type: ignore[operator]
+        if new != old:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(new)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(self.root)
+        return new
+
+    def _count(self, seg: Segment, kind: int, seq: int) -> None:
+        """Record (kind, seq) now lives in `seg` and is pending until stored()."""
+        if (kind, seq) in self._early:
+            self._early.discard((kind, seq))
+            return
+        seg.pending += 1
+        if kind == DATA:
+            if not seg.seqs:
+                self._by_seq.append((seq, seg))
+            seg.seqs.append(seq)
+        else:
+            self._marks[seq] = seg
+
+    # --- writing ---------------------------------------------------------------
+
+    def check(self, size: int) -> None:
+        """Raise SpoolError unless a record of `size` bytes may be taken now."""
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._failed_until:
+            raise SpoolError("the spool disk failed a moment ago; retry shortly")
+        if self.on_disk + self._buffered + size > self.max_bytes:
+            raise SpoolError(f"the spool holds {self.on_disk + self._buffered} bytes, its limit")
+
+    def append(self, kind: int, seq: int, ts: float, body: bytes) -> int:
+        """Buffer a record; the flusher writes it soon. Returns its ticket for wait()."""
+        framed = frame(kind, seq, ts, body)
+        self._buffer.append(framed)
+        self._metas.append((kind, seq))
+        self._buffered += len(framed)
+        self._appended += 1
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(
+                self._flush(), name="spool-flush"
+            )
+        return self._appended
+
+    async def wait(self, ticket: int) -> None:
+        """Return once record `ticket` is fsynced; SpoolError if its write failed."""
+        if ticket <= self._durable:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((ticket, fut))
+        await fut
+
+    async def _flush(self) -> None:
+        try:
+            while self._buffer:
+                data, metas = b"".join(self._buffer), self._metas
+                upto = self._appended
+                self._buffer, self._metas, self._buffered = [], [], 0
+                seg = self.segments[-1]
+                try:
+                    await asyncio.to_thread(_write_and_sync, self._file, data, seg.size)
+                except OSError as exc:
+                    self._failed(upto, exc)
+                    continue
+                # Bookkeeping stays on the event loop; the thread only wrote and synced.
+                seg.size += len(data)
+                self.on_disk += len(data)
+                for kind, seq in metas:
+                    self._count(seg, kind, seq)
+                self._durable = upto
+                self._settle(upto, None)
+                if seg.size >= self.segment_bytes:
+                    self._rotate()
+        finally:
+            self._flusher = None
+
+    def _failed(self, upto: int, exc: OSError) -> None:
+        log.error("SPOOL WRITE FAILED (%s): refusing requests that need it; will retry", exc)
+        self._failed_until = asyncio.get_running_loop().time() + FAILED_BACKOFF
+        self._durable = upto  # nothing waits on these any more: they were answered 503
+        self._settle(upto, SpoolError(f"spool write failed: {exc.strerror or exc}"))
+        try:  # a fresh segment: the failed one may sit on a bad region or at a size limit
+            self._rotate()
+        except OSError as again:
+            log.error("cannot start a new spool segment either (%s)", again)
+
+    def _settle(self, upto: int, exc: Exception | None) -> None:
+        keep = []
+        for ticket, fut in self._waiters:
+            if ticket > upto:
+                keep.append((ticket, fut))
+            elif not fut.done():
+                fut.set_exception(exc) if exc else fut.set_result(None)
+        self._waiters = keep
+
+    def _rotate(self) -> None:
+        if self._file >= 0:
+            os.close(self._file)
+        index = len(list(self.root.glob(f"seg-{self.epoch:08d}-*.log")))
+        path = self.root / f"seg-{self.epoch:08d}-{index:06d}.log"
+        self._file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        header = SEGMENT_HEADER.pack(MAGIC, self.epoch)
+        os.write(self._file, header)
+        os.fsync(self._file)
+        _fsync_dir(self.root)
+        self.segments.append(Segment(path, self.epoch, len(header)))
+        self.on_disk += len(header)
+
+    # --- completion ------------------------------------------------------------
+
+    def stored(self, seqs: Iterable[int], marker: int | None = None) -> None:
+        """Chunks `seqs` (and the batch marker keyed by `marker`) are stored; free segments."""
+        touched: set[int] = set()
+        firsts = [first for first, _ in self._by_seq]
+        for seq in seqs:
+            i = bisect.bisect_right(firsts, seq) - 1
+            seg = self._by_seq[i][1] if i >= 0 else None
+            if seg is None or seq > seg.seqs[-1]:
+                self._early.add((DATA, seq))  # its record is still in the write buffer
+                continue
+            seg.pending -= 1
+            touched.add(id(seg))
+        if marker is not None:
+            seg = self._marks.pop(marker, None)
+            if seg is None:
+                self._early.add((BATCH, marker))
+            else:
+                seg.pending -= 1
+                touched.add(id(seg))
+        active = self.segments[-1]
+        for seg in [s for s in self.segments if id(s) in touched]:
+            if seg.pending <= 0 and seg is not active:
+                self._drop(seg)
+
+    def _drop(self, seg: Segment) -> None:
+        self.segments.remove(seg)
+        self._by_seq = [(f, s) for f, s in self._by_seq if s is not seg]
+        with contextlib.suppress(FileNotFoundError):
+            seg.path.unlink()
+        self.on_disk -= seg.size
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            await self._flusher
+        if self._file >= 0:
+            os.close(self._file)
+            self._file = -1
+        for seg in [s for s in self.segments if s.pending <= 0]:
+            self._drop(seg)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+def _write_and_sync(fd: int, data: bytes, good_size: int) -> None:
+    """In a worker thread: append `data` and fsync; on failure cut the file back."""
+    try:
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    except OSError:
+        with contextlib.suppress(OSError):  # leave no half-written group behind
+            os.ftruncate(fd, good_size)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
