@@ -24,12 +24,20 @@ LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)/ingest")
 class Server:
     """``python -m fastingest serve`` in a subprocess, its log kept in memory."""
 
-    def __init__(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *args: str, cwd: Path, env: dict[str, str] | None = None, preexec_fn: Any = None
+    ) -> None:
         clean = {k: v for k, v in os.environ.items() if not k.startswith(("FASTINGEST_", "MAX_"))}
         clean.update(env or {})
         cmd = [sys.executable, "-m", "fastingest", "serve", "--listen", "127.0.0.1:0", *args]
         self.proc = subprocess.Popen(
-            cmd, cwd=cwd, env=clean, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            cmd,
+            cwd=cwd,
+            env=clean,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=preexec_fn,
         )
         self.log: list[str] = []
         self.port = 0
@@ -205,3 +213,130 @@ def dead_lettered(root: Path) -> tuple[Counter[bytes], list[dict[str, Any]]]:
     """Payloads in a dead-letter directory, and the error records beside them."""
     errors = [json.loads(p.read_text()) for p in root.rglob("*.error.json")]
     return landed_dir(root), errors
+
+
+class S3Proxy:
+    """An HTTP proxy in front of moto that injects S3 failures, for fault tests.
+
+    mode "pass": forward everything. "flaky": answer a share of requests 503
+    SlowDown without forwarding, and another share 500 *after* moto stored the
+    object (the client then retries something that already exists). "down":
+    drop every connection, as a stopped endpoint does.
+    """
+
+    def __init__(self, upstream: str, fail_before: float = 0.0, fail_after: float = 0.0) -> None:
+        import http.server
+        import random
+        from urllib.parse import urlsplit
+
+        self.mode = "pass"
+        self.fail_before, self.fail_after = fail_before, fail_after
+        self.counts: Counter[str] = Counter()
+        up = urlsplit(upstream)
+        proxy = self
+        rng = random.Random(1234)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive and Expect: 100-continue
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def handle_one_request(self) -> None:
+                if proxy.mode == "down":
+                    proxy.counts["dropped"] += 1
+                    self.close_connection = True
+                    return
+                super().handle_one_request()
+
+            def _any(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                roll = rng.random()
+                if proxy.mode == "flaky" and self.command == "PUT" and roll < proxy.fail_before:
+                    proxy.counts["slowdown"] += 1
+                    return self._error(503, "SlowDown")
+                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                conn.close()
+                flaky_after = proxy.fail_before <= roll < proxy.fail_before + proxy.fail_after
+                if proxy.mode == "flaky" and self.command == "PUT" and flaky_after:
+                    proxy.counts["failed_after_store"] += 1
+                    return self._error(500, "InternalError")
+                proxy.counts["forwarded"] += 1
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def _error(self, status: int, code: str) -> None:
+                body = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+async def load(
+    port: int,
+    *,
+    tag: str,
+    seconds: float,
+    acked: list[bytes],
+    statuses: Counter[int],
+    sent: list[bytes] | None = None,
+    clients: int = 16,
+    per_request: int = 10,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """POST collections from `clients` connections for `seconds` (or until the server is gone).
+
+    Payloads are {"id": "<tag>-<n>"}; those answered 202 go to `acked`.
+    """
+    import asyncio
+
+    import aiohttp
+
+    deadline = time.monotonic() + seconds
+    counter = iter(range(10**9))
+    url = f"http://127.0.0.1:{port}/ingest"
+    hdrs = {"Content-Type": "application/json", **(headers or {})}
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while time.monotonic() < deadline:
+            batch = [b'{"id":"%s-%d"}' % (tag.encode(), next(counter)) for _ in range(per_request)]
+            if sent is not None:
+                sent.extend(batch)
+            body = b'{"version":1,"data":[' + b",".join(batch) + b"]}"
+            try:
+                async with session.post(url, data=body, headers=hdrs) as resp:
+                    await resp.read()
+                    statuses[resp.status] += 1
+                    if resp.status == 202:
+                        acked.extend(batch)
+                    elif resp.status == 503:
+                        await asyncio.sleep(float(resp.headers.get("Retry-After", "1")) / 10)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                return  # the server went away: this request was not acknowledged
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+        await asyncio.gather(*(client(session) for _ in range(clients)))

@@ -95,8 +95,8 @@ async def ingest(request: web.Request) -> web.Response:
         return json_response(*await accept(request))
     cache = request.app[IDEMPOTENCY]
     if (first := cache.get(key)) is not None:
-        status, body = await asyncio.shield(first)
-        return json_response(status, body, **{"Idempotent-Replayed": "true"})
+        status, body, headers = await asyncio.shield(first)
+        return json_response(status, body, headers, **{"Idempotent-Replayed": "true"})
     fut = cache.begin(key)
     answer = None
     try:

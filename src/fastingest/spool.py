@@ -147,6 +147,7 @@ class Spool:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._file: int = -1
+        self._index = 0  # of the segment being written, within this epoch
         self._lock_fd = -1
         self._failed_until = 0.0
         self.on_disk = 0  # bytes in segment files
@@ -284,8 +285,8 @@ class Spool:
     def _rotate(self) -> None:
         if self._file >= 0:
             os.close(self._file)
-        index = len(list(self.root.glob(f"seg-{self.epoch:08d}-*.log")))
-        path = self.root / f"seg-{self.epoch:08d}-{index:06d}.log"
+        self._index += 1  # never reuse a name: an older segment may still be on disk
+        path = self.root / f"seg-{self.epoch:08d}-{self._index:06d}.log"
         self._file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         header = SEGMENT_HEADER.pack(MAGIC, self.epoch)
         os.write(self._file, header)

@@ -1,0 +1,237 @@
+"""Acknowledged means stored: ack levels, crash recovery, idempotency, S3 and disk faults.
+
+Every test counts what was acknowledged and what landed, and they must match:
+each acknowledged payload exactly once, nothing that was never sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import resource
+import signal
+from collections import Counter
+
+import orjson
+import pytest
+from support import FakeS3, S3Proxy, Server, landed_s3, load, wait_until
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def assert_exactly_once(got: Counter[bytes], acked: list[bytes], sent: list[bytes] | None = None):
+    assert all(n == 1 for n in got.values()), "a payload landed twice"
+    missing = Counter(acked) - got
+    assert not missing, f"{sum(missing.values())} acknowledged payloads were lost"
+    if sent is not None:
+        assert not got - Counter(sent), "something landed that was never sent"
+
+
+def body(i: int, tag: str = "p") -> bytes:
+    return orjson.dumps({"id": f"{tag}-{i}"})
+
+
+def test_ack_levels_and_the_per_request_header(tmp_path, s3, bucket, s3_env):
+    server = Server("--sink", f"s3://{bucket}", "--batch-max-age", "0.2", cwd=tmp_path, env=s3_env)
+    status, _, answer = server.post(body(1))
+    assert (status, answer["ack"]) == (202, "durable")  # the default
+    status, _, answer = server.post(body(2), **{"X-Fastingest-Ack": "received"})
+    assert (status, answer["ack"]) == (202, "received")
+    status, _, answer = server.post(body(3), **{"X-Fastingest-Ack": "uploaded"})
+    assert (status, answer) == (202, {"accepted": 1, "ack": "uploaded"})
+    # "uploaded" answered only once the object holding it was in the bucket.
+    got, _ = landed_s3(s3, bucket)
+    assert got[body(3)] == 1
+    status, _, answer = server.post(body(4), **{"X-Fastingest-Ack": "eventually"})
+    assert (status, answer["error"]) == (400, "bad_ack")
+    assert server.stop() == 0
+    got, _ = landed_s3(s3, bucket)
+    assert got == Counter([body(1), body(2), body(3)])
+
+
+def test_idempotency_key_answers_a_retry_with_the_first_answer(tmp_path, s3, bucket, s3_env):
+    server = Server("--sink", f"s3://{bucket}", cwd=tmp_path, env=s3_env)
+    first = server.post(body(1), **{"Idempotency-Key": "req-1"})
+    again = server.post(body(1), **{"Idempotency-Key": "req-1"})
+    assert first[0] == again[0] == 202 and first[2] == again[2]
+    assert again[1]["idempotent-replayed"] == "true" and "idempotent-replayed" not in first[1]
+    # A refused request is not remembered: its retry is processed afresh.
+    assert server.post(b"[1]", **{"Idempotency-Key": "req-2"})[0] == 422
+    assert server.post(body(2), **{"Idempotency-Key": "req-2"})[0] == 202
+    assert server.post(body(3))[0] == 202
+    assert server.stop() == 0
+    got, _ = landed_s3(s3, bucket)
+    assert got == Counter([body(1), body(2), body(3)])
+
+
+def test_restart_uploads_what_the_spool_holds(tmp_path, s3, bucket, s3_env):
+    stalled = FakeS3("stall")
+    dead = Server(
+        "--sink",
+        f"s3://{bucket}",
+        "--batch-max-payloads",
+        "3",
+        cwd=tmp_path,
+        env={**s3_env, "AWS_ENDPOINT_URL": stalled.url},
+    )
+    acked = [body(i) for i in range(10) if dead.post(body(i))[0] == 202]
+    assert len(acked) == 10
+    dead.stop(signal.SIGKILL)  # nothing reached S3; everything is in the spool
+    stalled.close()
+    assert landed_s3(s3, bucket)[0] == Counter()
+    alive = Server("--sink", f"s3://{bucket}", cwd=tmp_path, env=s3_env)
+    assert "replayed the spool" in alive.text
+    assert alive.stop() == 0
+    assert_exactly_once(landed_s3(s3, bucket)[0], acked)
+    assert list((tmp_path / "fastingest-data" / "spool").glob("seg-*.log")) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["batch", "per-payload"])
+def test_kill_9_at_random_moments_loses_nothing_acknowledged(tmp_path, s3, bucket, s3_env, mode):
+    rng = random.Random(20261128 if mode == "batch" else 7)
+    acked: list[bytes] = []
+    sent: list[bytes] = []
+    statuses: Counter[int] = Counter()
+    args = [
+        "--sink",
+        f"s3://{bucket}",
+        "--mode",
+        mode,
+        "--batch-max-payloads",
+        "300",
+        "--batch-max-age",
+        "0.3",
+    ]
+    # Per-payload mode stores one object per payload (moto takes ~400/s): a lighter load.
+    rounds, clients, per_request = (10, 8, 10) if mode == "batch" else (4, 4, 2)
+    replayed = 0
+    for round_ in range(rounds):
+        server = Server(*args, cwd=tmp_path, env=s3_env)
+        ack = rng.choice(["durable", "uploaded"])
+
+        async def round_trip() -> None:
+            task = asyncio.ensure_future(
+                load(
+                    server.port,
+                    tag=f"r{round_}",
+                    seconds=10,
+                    acked=acked,
+                    sent=sent,
+                    statuses=statuses,
+                    clients=clients,
+                    per_request=per_request,
+                    headers={"X-Fastingest-Ack": ack},
+                )
+            )
+            await asyncio.sleep(rng.uniform(0.2, 1.5 if mode == "batch" else 0.6))
+            server.proc.kill()  # kill -9, mid-load
+            await task
+
+        asyncio.run(round_trip())
+        server.proc.wait(10)
+        replayed += "replayed the spool" in server.text
+    final = Server(*args, cwd=tmp_path, env=s3_env)
+    assert final.stop() == 0
+    replayed += "replayed the spool" in final.text
+    assert replayed >= 2, "the crashes never left anything in the spool to recover"
+    assert len(acked) > 100, f"the load never got going: {statuses}"
+    got, objects = landed_s3(s3, bucket)
+    assert_exactly_once(got, acked, sent)
+    keys = [o["key"] for o in objects]
+    assert len(keys) == len(set(keys))
+
+
+def test_flaky_s3_loses_nothing_and_duplicates_nothing(tmp_path, s3, bucket, s3_env, moto_endpoint):
+    proxy = S3Proxy(moto_endpoint, fail_before=0.2, fail_after=0.2)
+    proxy.mode = "flaky"
+    server = Server(
+        "--sink",
+        f"s3://{bucket}",
+        "--batch-max-payloads",
+        "200",
+        "--upload-attempts",
+        "20",
+        "--retry-base-delay",
+        "0.02",
+        cwd=tmp_path,
+        env={**s3_env, "AWS_ENDPOINT_URL": proxy.url},
+    )
+    acked: list[bytes] = []
+    statuses: Counter[int] = Counter()
+    asyncio.run(load(server.port, tag="flaky", seconds=2, acked=acked, statuses=statuses))
+    assert server.stop() == 0
+    proxy.close()
+    assert proxy.counts["slowdown"] and proxy.counts["failed_after_store"], proxy.counts
+    assert "dead-lettered 0" in server.text
+    got, objects = landed_s3(s3, bucket)
+    assert_exactly_once(got, acked)
+    assert sum(o["count"] for o in objects) == len(acked)  # no object holds a repeat
+
+
+def test_s3_down_for_a_while(tmp_path, s3, bucket, s3_env, moto_endpoint):
+    proxy = S3Proxy(moto_endpoint)
+    server = Server(
+        "--sink",
+        f"s3://{bucket}",
+        "--batch-max-payloads",
+        "100",
+        "--max-queue",
+        "50",
+        "--spool-max-bytes",
+        "300K",
+        "--max-workers",
+        "2",
+        "--upload-attempts",
+        "30",
+        "--retry-base-delay",
+        "0.05",
+        cwd=tmp_path,
+        env={**s3_env, "AWS_ENDPOINT_URL": proxy.url},
+    )
+    acked: list[bytes] = []
+    statuses: Counter[int] = Counter()
+    proxy.mode = "down"
+    asyncio.run(load(server.port, tag="down", seconds=2.5, acked=acked, statuses=statuses))
+    assert statuses[503] > 0, statuses  # the spool or the queue filled up: 503 + Retry-After
+    assert landed_s3(s3, bucket)[0] == Counter()
+    proxy.mode = "pass"  # the endpoint is back: delivery resumes on its own
+    assert wait_until(lambda: sum(landed_s3(s3, bucket)[0].values()) >= len(acked), timeout=60)
+    asyncio.run(load(server.port, tag="after", seconds=0.5, acked=acked, statuses=statuses))
+    assert server.stop() == 0
+    proxy.close()
+    assert_exactly_once(landed_s3(s3, bucket)[0], acked)
+
+
+def _limit_file_size() -> None:
+    # A file-size cap stands in for a full disk: writes past it fail with EFBIG.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+
+def test_spool_disk_full_answers_503_and_loses_nothing(tmp_path, s3, bucket, s3_env):
+    server = Server(
+        "--sink",
+        f"s3://{bucket}",
+        "--batch-max-payloads",
+        "50",
+        cwd=tmp_path,
+        env=s3_env,
+        preexec_fn=_limit_file_size,
+    )
+    acked: list[bytes] = []
+    refused = 0
+    for i in range(400):
+        status, _, answer = server.post(b'{"id":"full-%d","pad":"%s"}' % (i, b"x" * 400))
+        if status == 202:
+            acked.append(b'{"id":"full-%d","pad":"%s"}' % (i, b"x" * 400))
+        else:
+            assert (status, answer["error"]) == (503, "spool_unavailable"), answer
+            refused += 1
+    assert refused and acked
+    assert server.request("GET", "/healthz")[0] == 200
+    assert server.stop() == 0
+    assert "SPOOL WRITE FAILED" in server.text
+    got, _ = landed_s3(s3, bucket)
+    assert all(n == 1 for n in got.values())
+    assert not Counter(acked) - got

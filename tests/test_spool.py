@@ -1,0 +1,198 @@
+"""The spool on its own: framing, group commit, replay, damage, freeing segments."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from fastingest.spool import BATCH, DATA, LAST_SEQ, Spool, SpoolError, frame
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def fill(spool: Spool, chunks: list[bytes], start: int = 0) -> int:
+    ticket = 0
+    for i, chunk in enumerate(chunks):
+        ticket = spool.append(DATA, start + i, 1700000000.0 + i, chunk)
+    await spool.wait(ticket)
+    return ticket
+
+
+def test_records_survive_a_restart_in_order(tmp_path):
+    chunks = [b'{"n":%d}\n' % i for i in range(100)]
+
+    async def first():
+        spool = Spool(tmp_path, 1 << 30)
+        assert spool.open() == []
+        await fill(spool, chunks)
+        marker = LAST_SEQ.pack(9) + b"dt=x/key-0-9.ndjson.gz"
+        await spool.wait(spool.append(BATCH, 0, 1700000000.0, marker))
+        await spool.close()
+        return spool.id, spool.epoch
+
+    ident, epoch = run(first())
+
+    async def second():
+        spool = Spool(tmp_path, 1 << 30)
+        records = spool.open()
+        assert (spool.id, spool.epoch) == (ident, epoch + 1)
+        data = [r for r in records if r.kind == DATA]
+        assert [r.body for r in data] == chunks and [r.seq for r in data] == list(range(100))
+        assert all(r.epoch == epoch for r in records)
+        (mark,) = [r for r in records if r.kind == BATCH]
+        assert mark.seq == 0 and mark.batch == (9, "dt=x/key-0-9.ndjson.gz")
+        await spool.close()
+
+    run(second())
+
+
+def test_group_commit_shares_fsyncs(tmp_path, monkeypatch):
+    syncs = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (syncs.append(fd), real(fd))[1])
+
+    async def main():
+        spool = Spool(tmp_path, 1 << 30)
+        spool.open()
+        before = len(syncs)
+        tickets = [spool.append(DATA, i, 0.0, b"{}\n") for i in range(500)]
+        await asyncio.gather(*(spool.wait(t) for t in tickets))
+        assert len(syncs) - before <= 3  # 500 waiters, a couple of fsyncs
+        await spool.close()
+
+    run(main())
+
+
+def test_segments_are_freed_once_everything_in_them_is_stored(tmp_path):
+    async def main():
+        spool = Spool(tmp_path, 1 << 30, segment_bytes=1000)
+        spool.open()
+        for i in range(60):  # ~20 bytes of chunk + 25 of header each: several segments
+            await spool.wait(spool.append(DATA, i, 0.0, b'{"i":%02d, "pad":"xx"}\n' % i))
+        segments = sorted(tmp_path.glob("seg-*.log"))
+        assert len(segments) >= 3
+        spool.stored(range(0, 30))
+        left = sorted(tmp_path.glob("seg-*.log"))
+        assert len(left) < len(segments)
+        spool.stored(range(30, 60))
+        await spool.close()
+        assert list(tmp_path.glob("seg-*.log")) == []
+        assert spool.on_disk == 0
+
+    run(main())
+
+
+def test_a_marker_keeps_its_segment_until_the_batch_is_stored(tmp_path):
+    async def main():
+        spool = Spool(tmp_path, 1 << 30, segment_bytes=200)
+        spool.open()
+        await fill(spool, [b'{"a":1}\n'] * 5)
+        marker = LAST_SEQ.pack(4) + b"k"
+        await spool.wait(spool.append(BATCH, 0, 0.0, marker))
+        await fill(spool, [b'{"b":2}\n'] * 8, start=5)  # rolls past the marker's segment
+        spool.stored(range(0, 5))  # data stored, marker not yet
+        names = {p.name for p in tmp_path.glob("seg-*.log")}
+        spool.stored([], marker=0)
+        assert {p.name for p in tmp_path.glob("seg-*.log")} < names
+        await spool.close()
+
+    run(main())
+
+
+def test_stored_before_written_is_remembered(tmp_path):
+    async def main():
+        spool = Spool(tmp_path, 1 << 30)
+        spool.open()
+        ticket = spool.append(DATA, 0, 0.0, b"{}\n")
+        spool.stored([0])  # uploaded before the flusher wrote its record
+        await spool.wait(ticket)
+        assert spool.segments[-1].pending == 0
+        await spool.close()
+        assert list(tmp_path.glob("seg-*.log")) == []
+
+    run(main())
+
+
+@pytest.mark.parametrize("damage", ["torn", "corrupt", "garbage-header"])
+def test_damaged_tail_is_quarantined_and_the_rest_replays(tmp_path, damage):
+    async def write():
+        spool = Spool(tmp_path, 1 << 30)
+        spool.open()
+        await fill(spool, [b'{"n":%d}\n' % i for i in range(10)])
+        await spool.close()
+
+    run(write())
+    (seg,) = tmp_path.glob("seg-*.log")
+    data = bytearray(seg.read_bytes())
+    good = len(data)
+    if damage == "torn":
+        data += frame(DATA, 10, 0.0, b'{"n":10}\n')[:-4]  # the crash cut the last write short
+    elif damage == "corrupt":
+        data += frame(DATA, 10, 0.0, b'{"n":10}\n')
+        data[-3] ^= 0xFF  # a flipped bit in the last record
+    else:
+        data += os.urandom(7)
+    seg.write_bytes(bytes(data))
+
+    spool = Spool(tmp_path, 1 << 30)
+    records = spool.open()
+    assert [r.seq for r in records] == list(range(10))
+    assert spool.damaged == 1
+    (bad,) = (tmp_path / "quarantine").glob("*.bad")
+    assert bad.read_bytes() == bytes(data[good:])
+    assert seg.stat().st_size == good
+    run(spool.close())
+
+
+def test_a_second_process_cannot_share_a_spool(tmp_path):
+    first = Spool(tmp_path, 1 << 30)
+    first.open()
+    with pytest.raises(SystemExit, match="in use"):
+        Spool(tmp_path, 1 << 30).open()
+
+
+def test_full_spool_refuses(tmp_path):
+    async def main():
+        spool = Spool(tmp_path, 300)
+        spool.open()
+        spool.check(100)
+        await fill(spool, [b"x" * 200])
+        with pytest.raises(SpoolError, match="limit"):
+            spool.check(100)
+        await spool.close()
+
+    run(main())
+
+
+def test_write_failure_fails_the_waiters_and_recovers(tmp_path, monkeypatch):
+    import fastingest.spool as mod
+
+    real = mod._write_and_sync
+    failures = iter([OSError(28, "No space left on device")])
+
+    def flaky(fd, data, good):
+        for exc in failures:
+            raise exc
+        return real(fd, data, good)
+
+    monkeypatch.setattr(mod, "_write_and_sync", flaky)
+
+    async def main():
+        spool = Spool(tmp_path, 1 << 30)
+        spool.open()
+        ticket = spool.append(DATA, 0, 0.0, b"{}\n")
+        with pytest.raises(SpoolError, match="No space"):
+            await spool.wait(ticket)
+        with pytest.raises(SpoolError, match="failed a moment ago"):
+            spool.check(10)
+        spool._failed_until = 0.0
+        await spool.wait(spool.append(DATA, 1, 0.0, b"{}\n"))  # the disk is back
+        await spool.close()
+
+    run(main())
+    spool = Spool(tmp_path, 1 << 30)
+    assert [r.seq for r in spool.open()] == [1]  # the failed record left nothing behind
