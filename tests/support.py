@@ -335,7 +335,7 @@ async def load(
                         acked.extend(batch)
                     elif resp.status == 503:
                         await asyncio.sleep(float(resp.headers.get("Retry-After", "1")) / 10)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 return  # the server went away: this request was not acknowledged
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:

@@ -14,6 +14,7 @@ from collections import Counter
 
 import orjson
 import pytest
+
 from support import FakeS3, S3Proxy, Server, landed_s3, load, wait_until
 
 pytestmark = pytest.mark.timeout(240)
@@ -86,6 +87,13 @@ def test_restart_uploads_what_the_spool_holds(tmp_path, s3, bucket, s3_env):
     assert list((tmp_path / "fastingest-data" / "spool").glob("seg-*.log")) == []
 
 
+async def kill_during_load(server: Server, pause: float, load_args: dict) -> None:
+    task = asyncio.ensure_future(load(server.port, **load_args))
+    await asyncio.sleep(pause)
+    server.proc.kill()  # kill -9, mid-load
+    await task
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["batch", "per-payload"])
 def test_kill_9_at_random_moments_loses_nothing_acknowledged(tmp_path, s3, bucket, s3_env, mode):
@@ -110,25 +118,18 @@ def test_kill_9_at_random_moments_loses_nothing_acknowledged(tmp_path, s3, bucke
         server = Server(*args, cwd=tmp_path, env=s3_env)
         ack = rng.choice(["durable", "uploaded"])
 
-        async def round_trip() -> None:
-            task = asyncio.ensure_future(
-                load(
-                    server.port,
-                    tag=f"r{round_}",
-                    seconds=10,
-                    acked=acked,
-                    sent=sent,
-                    statuses=statuses,
-                    clients=clients,
-                    per_request=per_request,
-                    headers={"X-Fastingest-Ack": ack},
-                )
-            )
-            await asyncio.sleep(rng.uniform(0.2, 1.5 if mode == "batch" else 0.6))
-            server.proc.kill()  # kill -9, mid-load
-            await task
-
-        asyncio.run(round_trip())
+        load_args = dict(
+            tag=f"r{round_}",
+            seconds=10,
+            acked=acked,
+            sent=sent,
+            statuses=statuses,
+            clients=clients,
+            per_request=per_request,
+            headers={"X-Fastingest-Ack": ack},
+        )
+        pause = rng.uniform(0.2, 1.5 if mode == "batch" else 0.6)
+        asyncio.run(kill_during_load(server, pause, load_args))
         server.proc.wait(10)
         replayed += "replayed the spool" in server.text
     final = Server(*args, cwd=tmp_path, env=s3_env)
