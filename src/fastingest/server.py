@@ -189,8 +189,30 @@ def make_app(settings: Settings, pipeline: Pipeline) -> web.Application:
     return app
 
 
-async def serve(settings: Settings, *, started: Callable[[int], None] | None = None) -> None:
+async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then drain: stop accepting, finish, upload, return."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():  # a second signal must not cut the drain short and lose the queue
+            log.warning(
+                "%s again: still draining (up to %.0fs)", sig.name, settings.shutdown_timeout
+            )
+        stop.set()
+
+    # Before anything else: a signal during start-up (or spool replay) must drain, not kill.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await _serve_until(stop, settings)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def _serve_until(stop: asyncio.Event, settings: Settings) -> None:
+    loop = asyncio.get_running_loop()
     sink: Sink = open_sink(settings.sink_url, max_connections=settings.max_workers)
     await sink.start()
     pipeline = Pipeline(settings, sink)
@@ -206,42 +228,22 @@ async def serve(settings: Settings, *, started: Callable[[int], None] | None = N
     host, port = settings.listen
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
-    bound = runner.addresses[0][1]
     log.info(
         "fastingest listening on http://%s:%d/ingest; sink %r, mode %s, ack %s, %d workers",
         host,
-        bound,
+        runner.addresses[0][1],
         sink,
         settings.mode,
         settings.ack,
         settings.max_workers,
     )
-    if started is not None:
-        started(bound)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal(sig: signal.Signals) -> None:
-        if stop.is_set():  # a second signal must not cut the drain short and lose the queue
-            log.warning(
-                "%s again: still draining (up to %.0fs)", sig.name, settings.shutdown_timeout
-            )
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-    try:
-        await stop.wait()
-        started_at = loop.time()
-        log.info("stopping: no new connections, finishing requests, draining the queue")
-        await runner.cleanup()  # stop listening, let in-flight requests finish
-        left = max(0.1, settings.shutdown_timeout - (loop.time() - started_at))
-        await pipeline.stop(left)
-        await sink.close()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+    await stop.wait()
+    started_at = loop.time()
+    log.info("stopping: no new connections, finishing requests, draining the queue")
+    await runner.cleanup()  # stop listening, let in-flight requests finish
+    left = max(0.1, settings.shutdown_timeout - (loop.time() - started_at))
+    await pipeline.stop(left)
+    await sink.close()
     c = pipeline.counters
     log.info(
         "stopped: accepted %d payloads, uploaded %d in %d objects, dead-lettered %d, retries %s",
