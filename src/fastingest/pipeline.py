@@ -90,6 +90,7 @@ class Pipeline:
         self._taken_seq = 0  # of the next chunk the batcher takes from the intake
         self._open: Batch | None = None
         self._open_deadline = 0.0  # monotonic time the open batch must close by
+        self._open_waiters = 0  # requests with ack "uploaded" whose chunk is in the open batch
         self._handoff: list[Upload] = []  # closed, not yet in `jobs`
         self._in_flight: dict[int, Upload] = {}  # id -> upload being stored by a worker
         self._parts_left: dict[int, int] = {}  # per-payload mode: seq -> objects to go
@@ -168,10 +169,14 @@ class Pipeline:
 
     # --- intake -----------------------------------------------------------------
 
-    def submit(self, chunk: bytes, payloads: int) -> tuple[int, int]:
+    def submit(
+        self, chunk: bytes, payloads: int, *, want_upload: bool = False
+    ) -> tuple[int, asyncio.Future[bool] | None]:
         """Queue one request's payloads, taking all or nothing.
 
-        Returns (seq, spool ticket). Raises QueueFull, QueueClosed or SpoolError.
+        Returns the spool ticket (for durable()) and, with `want_upload`, a future
+        that resolves once the chunk is stored: True in the sink, False in the
+        dead-letter directory. Raises QueueFull, QueueClosed or SpoolError.
         """
         self.spool.check(len(chunk))
         self.intake.put_nowait(chunk)
@@ -179,8 +184,11 @@ class Pipeline:
         c.accepted_requests += 1
         c.accepted_payloads += payloads
         c.accepted_bytes += len(chunk)
-        seq = self._next_seq
-        return seq, self._spool_data(chunk)
+        stored = None
+        if want_upload:  # registered before the batcher can see the chunk
+            stored = asyncio.get_running_loop().create_future()
+            self._upload_waiters[self._next_seq] = stored
+        return self._spool_data(chunk), stored
 
     def _spool_data(self, chunk: bytes) -> int:
         seq = self._next_seq
@@ -190,12 +198,6 @@ class Pipeline:
     async def durable(self, ticket: int) -> None:
         """Wait until the chunk behind `ticket` is fsynced (SpoolError if that failed)."""
         await self.spool.wait(ticket)
-
-    async def uploaded(self, seq: int) -> bool:
-        """Wait until chunk `seq` is stored: True in the sink, False in the dead-letter dir."""
-        fut = asyncio.get_running_loop().create_future()
-        self._upload_waiters[seq] = fut
-        return await fut
 
     @property
     def accepting(self) -> bool:
@@ -223,6 +225,8 @@ class Pipeline:
     async def _wait_for_chunks(self) -> list[bytes]:
         if self._open is None:
             return await self.intake.aget_many(DRAIN_CHUNKS)
+        if self._open_waiters:  # a client waits for this batch: close it now the intake is dry
+            return []
         left = self._open_deadline - time.monotonic()
         if left <= 0:
             return []
@@ -248,6 +252,7 @@ class Pipeline:
                 self._open = Batch(now, seq, s.batch_max_bytes, s.batch_max_payloads)
                 self._open_deadline = time.monotonic() + s.batch_max_age
             self._open.add(chunk, now)
+            self._open_waiters += seq in self._upload_waiters
             if self._open.full:
                 self._close_open()
 
@@ -256,6 +261,7 @@ class Pipeline:
             assert self.keys is not None
             self._handoff.append(self._open.close(self.keys, self.settings.compression))
         self._open = None
+        self._open_waiters = 0
 
     async def _hand_over(self) -> None:
         while self._handoff:

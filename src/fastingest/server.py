@@ -137,7 +137,9 @@ async def accept(request: web.Request) -> tuple[int, dict[str, object], dict[str
             "send Authorization: Bearer <token> or the collection's token field",
         )
     try:
-        seq, ticket = pipeline.submit(payloads.chunk, payloads.count)
+        ticket, stored = pipeline.submit(
+            payloads.chunk, payloads.count, want_upload=ack == "uploaded"
+        )
     except QueueFull:
         pipeline.counters.overloaded_requests += 1
         raise BodyError(
@@ -157,7 +159,7 @@ async def accept(request: web.Request) -> tuple[int, dict[str, object], dict[str
         # Already in the memory queue, so it may still be delivered: at least once, not lost.
         pipeline.counters.spool_refused_requests += 1
         raise BodyError(503, "spool_unavailable", str(exc)) from None
-    if ack == "uploaded" and not await pipeline.uploaded(seq):
+    if stored is not None and not await stored:
         answer.update(ack="durable", dead_lettered=True)
     return 202, answer, {}
 

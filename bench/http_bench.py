@@ -1,0 +1,415 @@
+"""End-to-end HTTP benchmark: fastingest (and reference servers) under the same wrk load.
+
+    python -m bench.http_bench --case ack                # --ack received|durable|uploaded
+    python -m bench.http_bench --case anchors --n 1 10   # vs the Go design, pynaive, nginx
+
+For each server: start its sink (moto_server on 127.0.0.1, or a directory), start
+the server, warm up, measure for --duration seconds with wrk and
+../shared/anchors/wrk/post.lua, stop it with SIGTERM, then read back and count
+every payload that landed. Prints req/s, payloads/s, p50/p99, non-2xx, peak
+RSS, landed vs acknowledged, and each row's ratio to the first row; writes
+JSON and a PNG chart to bench/results/.
+
+--mode pinned: server on CPU 1, wrk on CPU 0. --mode machine: nothing pinned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+DEFAULT_ANCHORS = ROOT.parent / "shared" / "anchors"
+
+
+@dataclass
+class Server:
+    name: str
+    cmd: list[str]
+    path: str = "/ingest"
+    env: dict[str, str] = field(default_factory=dict)
+    sink: str = "file"  # file | s3 | null
+    counts_landed: bool = True
+
+
+@dataclass
+class Result:
+    name: str
+    n: int
+    mode: str
+    sink: str
+    req_s: float
+    payloads_s: float
+    p50_ms: float
+    p99_ms: float
+    non2xx: int
+    sock_errors: int
+    acked: int
+    landed: int | None
+    rss_mib: float
+    stop_rc: int
+    stop_s: float
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def say(*parts: object) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+class Moto:
+    """moto_server on 127.0.0.1 with a fresh bucket; never pinned (it shares the machine)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port)
+        self.url = f"http://127.0.0.1:{self.port}"
+        import boto3
+
+        self.s3 = boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="bench",
+            aws_secret_access_key="bench",
+        )
+
+    def bucket(self, name: str) -> str:
+        self.s3.create_bucket(Bucket=name)
+        return name
+
+    def landed(self, bucket: str) -> int:
+        total = 0
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for entry in page.get("Contents", []):
+                total += count_payloads(
+                    self.s3.get_object(Bucket=bucket, Key=entry["Key"])["Body"].read()
+                )
+        return total
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def count_payloads(data: bytes) -> int:
+    """One JSON document = 1; NDJSON = 1 per non-empty line; gzip/zstd by magic bytes."""
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    elif data[:4] == b"\x28\xb5\x2f\xfd":
+        import zstandard
+
+        data = zstandard.ZstdDecompressor().stream_reader(data).read()
+    lines = [ln for ln in data.split(b"\n") if ln.strip()]
+    return 1 if len(lines) == 1 else len(lines)
+
+
+def landed_in(directory: Path) -> int:
+    return sum(
+        count_payloads(p.read_bytes())
+        for p in directory.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and not p.name.endswith(".error.json")
+    )
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM of `pid` and its children (MiB)."""
+    total = 0
+    pids = [pid]
+    try:
+        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def wrk(
+    port: int, path: str, n: int, seconds: float, args: argparse.Namespace, pin: str | None
+) -> dict:
+    cmd = [
+        "wrk",
+        "-t1",
+        f"-c{args.connections}",
+        f"-d{int(seconds)}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(args.anchors / "wrk" / "post.lua"),
+        f"http://127.0.0.1:{port}{path}",
+        "--",
+        str(n),
+    ]
+    if pin is not None:
+        cmd = ["taskset", "-c", pin, *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith("WRKJSON "))
+    return json.loads(line.removeprefix("WRKJSON "))
+
+
+def run_one(
+    server: Server, n: int, args: argparse.Namespace, moto: Moto | None, index: int
+) -> Result:
+    port = free_port()
+    work = Path(tempfile.mkdtemp(prefix="fi-bench-"))
+    env = {
+        **os.environ,
+        "PORT": str(port),
+        "LISTEN": f"127.0.0.1:{port}",
+        "MAX_WORKERS": str(args.max_workers),
+        "MAX_QUEUE": str(args.max_queue),
+        "GOMAXPROCS": "1" if args.mode == "pinned" else "2",
+        "PROCS": "1" if args.mode == "pinned" else "2",
+        "NGINX_WORKERS": "1" if args.mode == "pinned" else "2",
+        "FILE_DIR": str(work / "objects"),
+        "SINK": server.sink,
+        **server.env,
+    }
+    bucket = None
+    if server.sink == "s3":
+        assert moto is not None
+        bucket = moto.bucket(f"bench-{index}-{int(time.time())}")
+        env.update(
+            S3_ENDPOINT=moto.url,
+            S3_BUCKET=bucket,
+            AWS_ENDPOINT_URL=moto.url,
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_REGION="us-east-1",
+        )
+        env.setdefault("FASTINGEST_SINK", f"s3://{bucket}")
+    else:
+        env.setdefault("FASTINGEST_SINK", (work / "objects").as_uri())
+    env.setdefault("FASTINGEST_DATA_DIR", str(work / "data"))
+    cmd = server.cmd
+    if args.mode == "pinned":
+        cmd = ["taskset", "-c", "1", *cmd]
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=work,
+        stdout=subprocess.DEVNULL,
+        stderr=open(work / "server.log", "w"),
+        start_new_session=True,
+    )
+    try:
+        wait_port(port)
+        pin = "0" if args.mode == "pinned" else None
+        warm = wrk(port, server.path, n, args.warmup, args, pin)
+        say(f"  {server.name} N={n}: warmed up, measuring {args.duration}s ...")
+        run = wrk(port, server.path, n, args.duration, args, pin)
+        rss = peak_rss_mib(proc.pid)
+    finally:
+        started = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            rc = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc = proc.wait()
+        stopped = time.monotonic() - started
+    acked = sum((w["requests"] - w["err_status"]) * n for w in (warm, run))
+    landed = None
+    if server.counts_landed and server.sink == "s3":
+        landed = moto.landed(bucket)  # type: ignore[union-attr]
+    elif server.counts_landed and server.sink == "file":
+        landed = landed_in(work / "objects")
+    shutil.rmtree(work, ignore_errors=True)
+    seconds = run["duration_us"] / 1e6
+    ok = run["requests"] - run["err_status"]
+    return Result(
+        server.name,
+        n,
+        args.mode,
+        server.sink,
+        ok / seconds,
+        ok * n / seconds,
+        run["lat_p50_us"] / 1000,
+        run["lat_p99_us"] / 1000,
+        run["err_status"],
+        run["err_connect"] + run["err_read"] + run["err_write"] + run["err_timeout"],
+        acked,
+        landed,
+        rss,
+        rc,
+        stopped,
+    )
+
+
+def fastingest(name: str, *extra: str, sink: str = "file") -> Server:
+    return Server(name, [sys.executable, "-m", "fastingest", "serve", *extra], sink=sink)
+
+
+def cases(args: argparse.Namespace) -> list[Server]:
+    sink = args.sink
+    if args.case == "ack":
+        return [
+            fastingest(f"fastingest ack={a}", "--ack", a, sink=sink)
+            for a in ("received", "durable", "uploaded")
+        ]
+    a = args.anchors
+    servers = [fastingest("fastingest", "--ack", args.ack, sink=sink)]
+    if (a / "goseed" / "goseed").exists():
+        servers.append(
+            Server(
+                "goseed null",
+                [str(a / "goseed" / "goseed")],
+                path="/",
+                sink="null",
+                counts_landed=False,
+            )
+        )
+        servers.append(
+            Server(f"goseed {sink}", [str(a / "goseed" / "goseed")], path="/", sink=sink)
+        )
+    else:
+        say(f"skipping goseed: build it with {a}/goseed/build.sh")
+    servers.append(
+        Server(
+            "pynaive null",
+            [sys.executable, str(a / "pynaive" / "server.py")],
+            path="/",
+            sink="null",
+            counts_landed=False,
+        )
+    )
+    if shutil.which("nginx"):
+        servers.append(
+            Server(
+                "nginx 204 (HTTP limit)",
+                [str(a / "limit" / "run_nginx.sh")],
+                path="/",
+                sink="null",
+                counts_landed=False,
+            )
+        )
+    return servers
+
+
+def table(results: list[Result]) -> str:
+    base = results[0]
+    rows = [
+        "| server | N | req/s | payloads/s | vs first | p50 ms | p99 ms | non-2xx | "
+        "landed / acked | RSS MiB | stop |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+    ]
+    for r in results:
+        landed = "n/a" if r.landed is None else f"{r.landed:,} / {r.acked:,}"
+        rows.append(
+            f"| {r.name} | {r.n} | {r.req_s:,.0f} | {r.payloads_s:,.0f} | "
+            f"{r.payloads_s / base.payloads_s:.2f}x | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
+            f"{r.non2xx} | {landed} | {r.rss_mib:.0f} | rc={r.stop_rc} {r.stop_s:.1f}s |"
+        )
+    return "\n".join(rows)
+
+
+def chart(results: list[Result], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say("matplotlib not installed: no chart (pip install matplotlib)")
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.6 * len(results) + 2))
+    labels = [f"{r.name} N={r.n}" for r in results]
+    ax1.barh(labels, [r.payloads_s for r in results], color="#3b7dd8")
+    ax1.set_xlabel("payloads/s")
+    ax1.invert_yaxis()
+    ax2.barh(labels, [r.p99_ms for r in results], color="#d8743b")
+    ax2.set_xlabel("p99 latency, ms")
+    ax2.invert_yaxis()
+    ax2.set_yticklabels([])
+    fig.suptitle(f"fastingest http_bench ({results[0].mode}, {time.strftime('%Y-%m-%d')})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--case", choices=["ack", "anchors"], default="ack")
+    ap.add_argument("--n", type=int, nargs="+", default=[1], help="payloads per request")
+    ap.add_argument("--mode", choices=["pinned", "machine"], default="pinned")
+    ap.add_argument("--sink", choices=["file", "s3"], default="file")
+    ap.add_argument("--ack", default="received", help="fastingest's ack level in --case anchors")
+    ap.add_argument("--duration", type=float, default=10)
+    ap.add_argument("--warmup", type=float, default=3)
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--max-workers", type=int, default=64)
+    ap.add_argument("--max-queue", type=int, default=10000)
+    ap.add_argument("--anchors", type=Path, default=DEFAULT_ANCHORS)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if not shutil.which("wrk"):
+        sys.exit("wrk is needed: apt-get install wrk")
+    if not (args.anchors / "wrk" / "post.lua").exists():
+        sys.exit(f"no {args.anchors}/wrk/post.lua: point --anchors at the reference folder")
+
+    moto = Moto() if args.sink == "s3" else None
+    results: list[Result] = []
+    try:
+        servers = cases(args)
+        for n in args.n:
+            for i, server in enumerate(servers):
+                say(f"[{len(results) + 1}/{len(servers) * len(args.n)}] {server.name}, N={n}")
+                results.append(run_one(server, n, args, moto, i))
+    finally:
+        if moto is not None:
+            moto.close()
+    print(table(results))
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    out = args.out or RESULTS / f"http_bench-{args.case}-{stamp}.json"
+    meta = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cpus": os.cpu_count(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    out.write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))
+    chart(results, out.with_suffix(".png"))
+    print(f"\nwrote {out} and {out.with_suffix('.png').name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
