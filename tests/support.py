@@ -28,6 +28,7 @@ class Server:
         self, *args: str, cwd: Path, env: dict[str, str] | None = None, preexec_fn: Any = None
     ) -> None:
         clean = {k: v for k, v in os.environ.items() if not k.startswith(("FASTINGEST_", "MAX_"))}
+        clean["FASTINGEST_PROCESSES"] = "1"  # one process unless a test asks for more
         clean.update(env or {})
         cmd = [sys.executable, "-m", "fastingest", "serve", "--listen", "127.0.0.1:0", *args]
         self.proc = subprocess.Popen(

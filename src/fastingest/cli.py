@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command != "serve":
         parser.print_help()
@@ -56,6 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if settings.process_count > 1 and settings.worker_index is None:
+        from fastingest.supervisor import Supervisor
+
+        host, port = settings.listen
+        return Supervisor(argv[argv.index("serve") + 1 :], settings.process_count, host, port).run()
     from fastingest.server import serve  # aiohttp and aiobotocore load only to serve
 
     try:

@@ -74,6 +74,13 @@ class Option:
 OPTIONS: list[Option] = [
     Option("--listen", ("FASTINGEST_LISTEN", "LISTEN"), "address to serve on, HOST:PORT", _listen),
     Option(
+        "--processes",
+        ("FASTINGEST_PROCESSES",),
+        "server processes sharing the port (SO_REUSEPORT), each with its own queue and spool "
+        "(default: the number of CPUs)",
+        _positive(int),
+    ),
+    Option(
         "--sink",
         ("FASTINGEST_SINK",),
         "where objects land: file:///dir or s3://bucket/prefix "
@@ -219,6 +226,7 @@ class Settings:
     """Resolved settings; see ``OPTIONS`` for what each one means."""
 
     listen: tuple[str, int] = _listen(DEFAULT_LISTEN)
+    processes: int | None = None  # None: one per CPU
     sink: str | None = None
     ack: str = "durable"
     spool_dir: Path | None = None
@@ -242,14 +250,20 @@ class Settings:
     log_level: str = "INFO"
     retry_base_delay: float = DEFAULT_RETRY_BASE
     retry_max: float = field(default=DEFAULT_RETRY_MAX, repr=False)
+    worker_index: int | None = None  # set by the supervisor in each of its children
 
     @property
     def sink_url(self) -> str:
         return self.sink or (self.data_dir / "objects").resolve().as_uri()
 
     @property
+    def process_count(self) -> int:
+        return self.processes or os.cpu_count() or 1
+
+    @property
     def spool_path(self) -> Path:
-        return self.spool_dir or self.data_dir / "spool"
+        base = self.spool_dir or self.data_dir / "spool"
+        return base if self.worker_index is None else base / str(self.worker_index)
 
     @property
     def dead_letter_path(self) -> Path:
@@ -312,4 +326,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
             except (ValueError, argparse.ArgumentTypeError) as exc:
                 raise SystemExit(f"fastingest: ${name}={raw!r}: {exc}") from None
             break
+    index = environ.get("FASTINGEST_WORKER_INDEX")
+    if index is not None:
+        values["worker_index"] = int(index)
     return Settings(**values)

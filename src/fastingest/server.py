@@ -228,10 +228,14 @@ async def _serve_until(stop: asyncio.Event, settings: Settings) -> None:
     )
     await runner.setup()
     host, port = settings.listen
-    site = web.TCPSite(runner, host, port, backlog=1024)
+    # A supervised worker shares the port with its siblings: the kernel spreads connections.
+    site = web.TCPSite(
+        runner, host, port, backlog=1024, reuse_port=settings.worker_index is not None
+    )
     await site.start()
     log.info(
-        "fastingest listening on http://%s:%d/ingest; sink %r, mode %s, ack %s, %d workers",
+        "fastingest%s listening on http://%s:%d/ingest; sink %r, mode %s, ack %s, %d workers",
+        "" if settings.worker_index is None else f" worker {settings.worker_index}",
         host,
         runner.addresses[0][1],
         sink,

@@ -1,0 +1,111 @@
+"""``--processes N``: N server processes on one port (SO_REUSEPORT), supervised.
+
+The parent reserves the port (so ``:0`` works), starts N children running
+``fastingest serve`` with ``--processes 1`` on it, each with its own queue,
+workers, batches and spool (``<spool-dir>/<index>``), forwards SIGTERM/SIGINT,
+restarts a child that dies (its replacement replays the same spool), and exits
+only after every child has drained.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+log = logging.getLogger("fastingest.supervisor")
+
+WORKER_INDEX_ENV = "FASTINGEST_WORKER_INDEX"
+RESTART_BACKOFF = 1.0  # seconds before restarting a child that died young
+YOUNG = 5.0  # a child that dies sooner than this is restarted after RESTART_BACKOFF
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (never listen) a SO_REUSEPORT socket: it fixes the port and joins no accept queue."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+class Supervisor:
+    def __init__(self, argv: Sequence[str], processes: int, host: str, port: int) -> None:
+        self.argv = list(argv)
+        self.processes = processes
+        self.host = host
+        self.port = port
+        self.children: dict[int, subprocess.Popen[bytes]] = {}
+        self.started: dict[int, float] = {}
+        self.stopping = False
+
+    def _spawn(self, index: int) -> None:
+        # Later flags win in argparse: the child serves alone, on the reserved port.
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        cmd = [
+            sys.executable,
+            "-m",
+            "fastingest",
+            "serve",
+            *self.argv,
+            "--listen",
+            f"{host}:{self.port}",
+            "--processes",
+            "1",
+        ]
+        env = {**os.environ, WORKER_INDEX_ENV: str(index)}
+        self.children[index] = subprocess.Popen(cmd, env=env, preexec_fn=_unblock)
+        self.started[index] = time.monotonic()
+        log.info("worker %d started (pid %d)", index, self.children[index].pid)
+
+    def run(self) -> int:
+        watched = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+        signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+        reserved = reserve_port(self.host, self.port)
+        self.port = reserved.getsockname()[1]
+        log.info("supervising %d worker processes on %s:%d", self.processes, self.host, self.port)
+        for i in range(self.processes):
+            self._spawn(i)
+        failed = False
+        while self.children:
+            info = signal.sigtimedwait(watched, 1.0)
+            if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                if not self.stopping:
+                    log.info("%s: asking every worker to drain", signal.Signals(info.si_signo).name)
+                self.stopping = True
+                for child in self.children.values():
+                    child.send_signal(info.si_signo)
+            for index, child in list(self.children.items()):
+                rc = child.poll()
+                if rc is None:
+                    continue
+                del self.children[index]
+                if self.stopping:
+                    failed |= rc != 0
+                    log.info("worker %d (pid %d) drained and exited with %d", index, child.pid, rc)
+                    continue
+                log.error(
+                    "worker %d (pid %d) died with %s; restarting it",
+                    index,
+                    child.pid,
+                    _describe(rc),
+                )
+                if time.monotonic() - self.started[index] < YOUNG:
+                    time.sleep(RESTART_BACKOFF)
+                self._spawn(index)
+        reserved.close()
+        return 1 if failed else 0
+
+
+def _unblock() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD})
+
+
+def _describe(rc: int) -> str:
+    return f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
