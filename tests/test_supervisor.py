@@ -9,21 +9,32 @@ import signal
 from collections import Counter
 
 import pytest
+
 from support import Server, landed_s3, load, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def start(tmp_path, bucket, s3_env) -> Server:
-    server = Server("--sink", f"s3://{bucket}", "--batch-max-payloads", "500", cwd=tmp_path,
-                    env={**s3_env, "FASTINGEST_PROCESSES": "2"})
-    assert wait_until(lambda: "worker 1 listening" in server.text and
-                      "worker 0 listening" in server.text, timeout=30), server.text
+    server = Server(
+        "--sink",
+        f"s3://{bucket}",
+        "--batch-max-payloads",
+        "500",
+        cwd=tmp_path,
+        env={**s3_env, "FASTINGEST_PROCESSES": "2"},
+    )
+    assert wait_until(
+        lambda: "worker 1 listening" in server.text and "worker 0 listening" in server.text,
+        timeout=30,
+    ), server.text
     return server
 
 
 def worker_pids(server: Server) -> dict[int, int]:
-    return {int(i): int(p) for i, p in re.findall(r"worker (\d+) started \(pid (\d+)\)", server.text)}
+    return {
+        int(i): int(p) for i, p in re.findall(r"worker (\d+) started \(pid (\d+)\)", server.text)
+    }
 
 
 def check(s3, bucket, acked: list[bytes]) -> None:
@@ -55,16 +66,26 @@ def test_a_killed_worker_is_restarted_and_its_spool_replayed(tmp_path, s3, bucke
     statuses: Counter[int] = Counter()
 
     async def scenario() -> None:
-        task = asyncio.ensure_future(load(server.port, tag="k", seconds=3, acked=acked,
-                                          statuses=statuses, headers={"X-Fastingest-Ack": "durable"}))
+        task = asyncio.ensure_future(
+            load(
+                server.port,
+                tag="k",
+                seconds=3,
+                acked=acked,
+                statuses=statuses,
+                headers={"X-Fastingest-Ack": "durable"},
+            )
+        )
         await asyncio.sleep(0.8)
         os.kill(victim, signal.SIGKILL)
         await task
 
     asyncio.run(scenario())
     assert wait_until(lambda: "died with signal SIGKILL; restarting" in server.text, timeout=10)
-    assert wait_until(lambda: len(worker_pids(server)) == 2 and
-                      server.text.count("worker 0 listening") == 2, timeout=30), server.text
+    assert wait_until(
+        lambda: len(worker_pids(server)) == 2 and server.text.count("worker 0 listening") == 2,
+        timeout=30,
+    ), server.text
     assert server.stop() == 0
     assert statuses[202] > 0
     check(s3, bucket, acked)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import orjson
 
+from fastingest import metrics
 from fastingest.batching import Upload
 from fastingest.sinks.local import write_atomic
 
@@ -22,8 +23,6 @@ log = logging.getLogger("fastingest.deadletter")
 class DeadLetter:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.objects = 0
-        self.payloads = 0
 
     def store(self, upload: Upload, error: BaseException | str, attempts: int = 0) -> None:
         """Write `upload` and its error; must not raise, since it is the last resort."""
@@ -48,8 +47,8 @@ class DeadLetter:
                 exc_info=True,
             )
             return
-        self.objects += 1
-        self.payloads += upload.payloads
+        metrics.OBJECTS_DEAD.inc()
+        metrics.PAYLOADS_DEAD.inc(upload.payloads)
         log.error(
             "dead-lettered %s (%d payloads) after %d attempts: %s",
             upload.key,

@@ -24,9 +24,8 @@ import asyncio
 import logging
 import random
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 
+from fastingest import metrics
 from fastingest.batching import (
     CONTENT_TYPES,
     EXTENSIONS,
@@ -51,22 +50,6 @@ SEAL_IN_THREAD_BYTES = 64 * 1024  # smaller bodies compress faster than a thread
 MARKER_RETRY = 0.5  # seconds between tries to record a closing batch on a failing disk
 
 
-@dataclass
-class Counters:
-    """Running totals: accepted == stored + dead-lettered + held, at every moment."""
-
-    accepted_requests: int = 0
-    accepted_payloads: int = 0
-    accepted_bytes: int = 0
-    overloaded_requests: int = 0
-    spool_refused_requests: int = 0
-    replayed_payloads: int = 0
-    uploaded_objects: int = 0
-    uploaded_payloads: int = 0
-    uploaded_bytes: int = 0
-    retries: Counter[str] = field(default_factory=Counter)
-
-
 class Pipeline:
     def __init__(self, settings: Settings, sink: Sink) -> None:
         self.settings = settings
@@ -84,7 +67,6 @@ class Pipeline:
             name="fastingest-upload",
         )
         self.dead_letter = DeadLetter(settings.dead_letter_path)
-        self.counters = Counters()
         self.keys: KeyMaker | None = None  # known once the spool is open
         self._next_seq = 0  # given to the next accepted chunk
         self._taken_seq = 0  # of the next chunk the batcher takes from the intake
@@ -153,7 +135,7 @@ class Pipeline:
             for r in requeue:
                 await self.intake.aput(r.body)
                 ticket = self._spool_data(r.body)
-                self.counters.replayed_payloads += r.body.count(b"\n")
+                metrics.PAYLOADS_REPLAYED.inc(r.body.count(b"\n"))
             if requeue:
                 await self.spool.wait(ticket)
                 self.spool.stored([r.seq for r in requeue])  # the copies are durable now
@@ -164,7 +146,7 @@ class Pipeline:
         )
 
     async def _replayed(self, upload: Upload) -> None:
-        self.counters.replayed_payloads += upload.payloads
+        metrics.PAYLOADS_REPLAYED.inc(upload.payloads)
         await self.jobs.aput(upload)
 
     # --- intake -----------------------------------------------------------------
@@ -180,10 +162,7 @@ class Pipeline:
         """
         self.spool.check(len(chunk))
         self.intake.put_nowait(chunk)
-        c = self.counters
-        c.accepted_requests += 1
-        c.accepted_payloads += payloads
-        c.accepted_bytes += len(chunk)
+        metrics.PAYLOADS_ACCEPTED.inc(payloads)
         stored = None
         if want_upload:  # registered before the batcher can see the chunk
             stored = asyncio.get_running_loop().create_future()
@@ -193,7 +172,7 @@ class Pipeline:
     def _spool_data(self, chunk: bytes) -> int:
         seq = self._next_seq
         self._next_seq += 1
-        return self.spool.append(DATA, seq, time.time(), chunk)
+        return self.spool.append(DATA, seq, time.time(), chunk, chunk.count(b"\n"))
 
     async def durable(self, ticket: int) -> None:
         """Wait until the chunk behind `ticket` is fsynced (SpoolError if that failed)."""
@@ -290,6 +269,7 @@ class Pipeline:
         self._in_flight[id(upload)] = upload
         s = self.settings
         attempt = 0
+        started = time.monotonic()
         try:
             if upload.raw_size > SEAL_IN_THREAD_BYTES:
                 await asyncio.to_thread(upload.seal, self.compress)
@@ -303,7 +283,7 @@ class Pipeline:
                 except SinkError as exc:
                     if not exc.retryable or attempt >= s.upload_attempts:
                         raise
-                    self.counters.retries[exc.kind] += 1
+                    metrics.UPLOAD_RETRIES.labels(exc.kind).inc()
                     # Full jitter: spreads a fleet's retries after a store hiccup.
                     delay = random.uniform(
                         0, min(s.retry_max, s.retry_base_delay * 2 ** (attempt - 1))
@@ -323,10 +303,10 @@ class Pipeline:
             self._give_up(upload, exc, attempt)
             return
         del self._in_flight[id(upload)]
-        c = self.counters
-        c.uploaded_objects += 1
-        c.uploaded_payloads += upload.payloads
-        c.uploaded_bytes += len(upload.body)
+        metrics.UPLOAD_SECONDS.observe(time.monotonic() - started)
+        metrics.OBJECTS_UPLOADED.inc()
+        metrics.PAYLOADS_UPLOADED.inc(upload.payloads)
+        metrics.BYTES_OUT.inc(len(upload.body))
         self._done(upload, True)
 
     def _give_up(self, upload: Upload, exc: BaseException | str, attempts: int) -> None:
@@ -355,6 +335,15 @@ class Pipeline:
         self._give_up(upload, exc, 0)
 
     # --- shutdown ---------------------------------------------------------------
+
+    def update_gauges(self) -> None:
+        m = metrics
+        m.QUEUE_REQUESTS.set(self.intake.qsize())
+        m.QUEUE_BYTES.set(self.intake.nbytes)
+        m.SPOOL_BYTES.set(self.spool.on_disk)
+        m.SPOOL_SEGMENTS.set(len(self.spool.segments))
+        held = m.total(m.PAYLOADS_ACCEPTED) + m.total(m.PAYLOADS_REPLAYED)
+        m.PAYLOADS_HELD.set(held - m.total(m.PAYLOADS_UPLOADED) - m.total(m.PAYLOADS_DEAD))
 
     async def stop(self, timeout: float) -> None:
         """Drain everything to the sink within `timeout`, then dead-letter what is left."""

@@ -8,6 +8,7 @@ part of a request), and a precise 4xx with a JSON body for anything malformed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import signal
@@ -16,6 +17,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
+from fastingest import metrics
 from fastingest.bodies import BodyError, decompress, parse
 from fastingest.config import ACK_LEVELS, Settings
 from fastingest.errors import QueueClosed, QueueFull
@@ -27,10 +29,12 @@ from fastingest.spool import SpoolError
 log = logging.getLogger("fastingest.server")
 
 RETRY_AFTER_SECONDS = "1"
+GAUGE_REFRESH_SECONDS = 1.0
 PIPELINE: web.AppKey[Pipeline] = web.AppKey("pipeline", Pipeline)
 TOKENS: web.AppKey[list[bytes]] = web.AppKey("tokens", list)
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 IDEMPOTENCY: web.AppKey[IdempotencyCache] = web.AppKey("idempotency", IdempotencyCache)
+STOPPING: web.AppKey[asyncio.Event] = web.AppKey("stopping", asyncio.Event)
 ACK_HEADER = "X-Fastingest-Ack"
 
 
@@ -50,20 +54,31 @@ def error(status: int, code: str, detail: str, **headers: str) -> web.Response:
 
 
 @web.middleware
-async def json_errors(
+async def observe(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Every error leaves as JSON, aiohttp's own (404, 405, 413) included."""
+    """Count every answer by route and status; every error leaves as JSON."""
+    response = await _answer(request, handler)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    metrics.REQUESTS.labels(route, str(response.status)).inc()
+    return response
+
+
+async def _answer(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     try:
         return await handler(request)
     except BodyError as exc:
+        metrics.ERRORS.labels(exc.error).inc()
         headers = {}
         if exc.status == 503:
             headers["Retry-After"] = RETRY_AFTER_SECONDS
         elif exc.status == 401:
             headers["WWW-Authenticate"] = 'Bearer realm="fastingest"'
         return json_response(exc.status, exc.body(), headers)
-    except web.HTTPException as exc:
+    except web.HTTPException as exc:  # aiohttp's own: 404, 405, 413
         if exc.status < 400:
             raise
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
@@ -71,9 +86,11 @@ async def json_errors(
         detail = f"{request.method} {request.path}: {exc.reason}"
         if exc.status == 413:
             code, detail = "body_too_large", exc.text or detail
+        metrics.ERRORS.labels(code).inc()
         return error(exc.status, code, detail, **headers)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
+        metrics.ERRORS.labels("internal_error").inc()
         return error(
             500, "internal_error", "the server failed on this request; it was not accepted"
         )
@@ -128,7 +145,9 @@ async def accept(request: web.Request) -> tuple[int, dict[str, object], dict[str
             413, "body_too_large", f"body of {request.content_length} bytes is over {limit}"
         )
     content_type = request.content_type if "Content-Type" in request.headers else ""
-    body = decompress(await request.read(), request.headers.get("Content-Encoding", ""), limit)
+    raw = await request.read()
+    metrics.BYTES_IN.inc(len(raw))
+    body = decompress(raw, request.headers.get("Content-Encoding", ""), limit)
     payloads = parse(body, content_type)
     if tokens and bearer is None and not _authorized(payloads.token, tokens):
         raise BodyError(
@@ -141,14 +160,12 @@ async def accept(request: web.Request) -> tuple[int, dict[str, object], dict[str
             payloads.chunk, payloads.count, want_upload=ack == "uploaded"
         )
     except QueueFull:
-        pipeline.counters.overloaded_requests += 1
         raise BodyError(
             503, "overloaded", "the ingest queue is full; retry after a moment"
         ) from None
     except QueueClosed:
         raise BodyError(503, "shutting_down", "this server is draining; retry elsewhere") from None
     except SpoolError as exc:
-        pipeline.counters.spool_refused_requests += 1
         raise BodyError(503, "spool_unavailable", str(exc)) from None
     answer: dict[str, object] = {"accepted": payloads.count, "ack": ack}
     if ack == "received":
@@ -157,7 +174,6 @@ async def accept(request: web.Request) -> tuple[int, dict[str, object], dict[str
         await pipeline.durable(ticket)
     except SpoolError as exc:
         # Already in the memory queue, so it may still be delivered: at least once, not lost.
-        pipeline.counters.spool_refused_requests += 1
         raise BodyError(503, "spool_unavailable", str(exc)) from None
     if stored is not None and not await stored:
         answer.update(ack="durable", dead_lettered=True)
@@ -170,7 +186,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     pipeline = request.app[PIPELINE]
-    if not pipeline.accepting:
+    if request.app[STOPPING].is_set() or not pipeline.accepting:
         return error(503, "draining", "shutting down: not taking new requests")
     try:
         await pipeline.sink.check()
@@ -179,8 +195,15 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response(200, {"status": "ready", "queued_requests": pipeline.intake.qsize()})
 
 
-def make_app(settings: Settings, pipeline: Pipeline) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[json_errors])
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    request.app[PIPELINE].update_gauges()
+    body, content_type = metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def make_app(settings: Settings, pipeline: Pipeline, stopping: asyncio.Event) -> web.Application:
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[observe])
+    app[STOPPING] = stopping
     app[PIPELINE] = pipeline
     app[TOKENS] = [t.encode() for t in settings.tokens()]
     app[SETTINGS] = settings
@@ -188,6 +211,7 @@ def make_app(settings: Settings, pipeline: Pipeline) -> web.Application:
     app.router.add_post("/ingest", ingest)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
     return app
 
 
@@ -221,7 +245,7 @@ async def _serve_until(stop: asyncio.Event, settings: Settings) -> None:
     await pipeline.start()  # replays the spool before the first request
     # auto_decompress=False: bodies are inflated by bodies.decompress, under the size limit.
     runner = web.AppRunner(
-        make_app(settings, pipeline),
+        make_app(settings, pipeline, stop),
         auto_decompress=False,
         access_log=None,
         shutdown_timeout=min(5.0, settings.shutdown_timeout / 2),
@@ -243,19 +267,29 @@ async def _serve_until(stop: asyncio.Event, settings: Settings) -> None:
         settings.ack,
         settings.max_workers,
     )
+    gauges = loop.create_task(_refresh_gauges(pipeline, stop))
     await stop.wait()
+    await gauges
     started_at = loop.time()
     log.info("stopping: no new connections, finishing requests, draining the queue")
     await runner.cleanup()  # stop listening, let in-flight requests finish
     left = max(0.1, settings.shutdown_timeout - (loop.time() - started_at))
     await pipeline.stop(left)
     await sink.close()
-    c = pipeline.counters
+    m = metrics
     log.info(
-        "stopped: accepted %d payloads, uploaded %d in %d objects, dead-lettered %d, retries %s",
-        c.accepted_payloads,
-        c.uploaded_payloads,
-        c.uploaded_objects,
-        pipeline.dead_letter.payloads,
-        dict(c.retries) or "none",
+        "stopped: accepted %d payloads, uploaded %d in %d objects, dead-lettered %d, retries %d",
+        m.total(m.PAYLOADS_ACCEPTED),
+        m.total(m.PAYLOADS_UPLOADED),
+        m.total(m.OBJECTS_UPLOADED),
+        m.total(m.PAYLOADS_DEAD),
+        m.total(m.UPLOAD_RETRIES),
     )
+
+
+async def _refresh_gauges(pipeline: Pipeline, stop: asyncio.Event) -> None:
+    # Under --processes another worker may answer /metrics: keep this one's gauges fresh.
+    while not stop.is_set():
+        pipeline.update_gauges()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), GAUGE_REFRESH_SECONDS)

@@ -33,6 +33,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastingest import metrics
+
 log = logging.getLogger("fastingest.spool")
 
 MAGIC = b"FISPOOL1"
@@ -141,6 +143,7 @@ class Spool:
         self._early: set[tuple[int, int]] = set()  # (kind, seq) stored before it was written
         self._buffer: list[bytes] = []
         self._metas: list[tuple[int, int]] = []  # (kind, seq) of each buffered record
+        self._buffered_payloads = 0
         self._buffered = 0
         self._appended = 0  # records appended, ever
         self._durable = 0  # records known to be on disk
@@ -218,11 +221,12 @@ class Spool:
         if self.on_disk + self._buffered + size > self.max_bytes:
             raise SpoolError(f"the spool holds {self.on_disk + self._buffered} bytes, its limit")
 
-    def append(self, kind: int, seq: int, ts: float, body: bytes) -> int:
+    def append(self, kind: int, seq: int, ts: float, body: bytes, payloads: int = 0) -> int:
         """Buffer a record; the flusher writes it soon. Returns its ticket for wait()."""
         framed = frame(kind, seq, ts, body)
         self._buffer.append(framed)
         self._metas.append((kind, seq))
+        self._buffered_payloads += payloads
         self._buffered += len(framed)
         self._appended += 1
         if self._flusher is None:
@@ -243,8 +247,9 @@ class Spool:
         try:
             while self._buffer:
                 data, metas = b"".join(self._buffer), self._metas
-                upto = self._appended
+                upto, payloads = self._appended, self._buffered_payloads
                 self._buffer, self._metas, self._buffered = [], [], 0
+                self._buffered_payloads = 0
                 seg = self.segments[-1]
                 try:
                     await asyncio.to_thread(_write_and_sync, self._file, data, seg.size)
@@ -257,6 +262,7 @@ class Spool:
                 for kind, seq in metas:
                     self._count(seg, kind, seq)
                 self._durable = upto
+                metrics.PAYLOADS_DURABLE.inc(payloads)
                 self._settle(upto, None)
                 if seg.size >= self.segment_bytes:
                     self._rotate()

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -44,6 +46,9 @@ class Supervisor:
         self.children: dict[int, subprocess.Popen[bytes]] = {}
         self.started: dict[int, float] = {}
         self.stopping = False
+        # Shared by the workers so any of them can answer /metrics for all (see metrics.py).
+        self.metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or ""
+        self._own_metrics_dir = not self.metrics_dir
 
     def _spawn(self, index: int) -> None:
         # Later flags win in argparse: the child serves alone, on the reserved port.
@@ -59,7 +64,11 @@ class Supervisor:
             "--processes",
             "1",
         ]
-        env = {**os.environ, WORKER_INDEX_ENV: str(index)}
+        env = {
+            **os.environ,
+            WORKER_INDEX_ENV: str(index),
+            "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
+        }
         self.children[index] = subprocess.Popen(cmd, env=env, preexec_fn=_unblock)
         self.started[index] = time.monotonic()
         log.info("worker %d started (pid %d)", index, self.children[index].pid)
@@ -67,6 +76,8 @@ class Supervisor:
     def run(self) -> int:
         watched = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
         signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+        if self._own_metrics_dir:
+            self.metrics_dir = tempfile.mkdtemp(prefix="fastingest-metrics-")
         reserved = reserve_port(self.host, self.port)
         self.port = reserved.getsockname()[1]
         log.info("supervising %d worker processes on %s:%d", self.processes, self.host, self.port)
@@ -86,6 +97,7 @@ class Supervisor:
                 if rc is None:
                     continue
                 del self.children[index]
+                _forget_live_gauges(child.pid, self.metrics_dir)
                 if self.stopping:
                     failed |= rc != 0
                     log.info("worker %d (pid %d) drained and exited with %d", index, child.pid, rc)
@@ -100,7 +112,16 @@ class Supervisor:
                     time.sleep(RESTART_BACKOFF)
                 self._spawn(index)
         reserved.close()
+        if self._own_metrics_dir:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
         return 1 if failed else 0
+
+
+def _forget_live_gauges(pid: int, directory: str) -> None:
+    """A dead worker's queue and spool gauges no longer count; its counters still do."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, directory)
 
 
 def _unblock() -> None:

@@ -1,0 +1,83 @@
+"""Prometheus metrics: the one place the service counts what it does.
+
+Under ``--processes N`` the supervisor gives its workers a shared
+``PROMETHEUS_MULTIPROC_DIR`` (set before prometheus_client is imported), so
+whichever worker answers ``GET /metrics`` reports the sum over all of them.
+
+Reconciliation, at every moment: ``payloads_accepted + payloads_replayed ==
+payloads_uploaded + payloads_dead_lettered + payloads_held``; ``payloads_durable``
+counts what reached the spool's disk.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _multiprocess
+
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+REQUESTS = Counter(
+    "fastingest_requests", "HTTP requests answered, by route and status", ["route", "status"]
+)
+ERRORS = Counter("fastingest_request_errors", "refused requests, by error code", ["error"])
+BYTES_IN = Counter("fastingest_bytes_in", "request body bytes received, as sent")
+PAYLOADS_ACCEPTED = Counter("fastingest_payloads_accepted", "payloads acknowledged")
+PAYLOADS_DURABLE = Counter("fastingest_payloads_durable", "accepted payloads fsynced to the spool")
+PAYLOADS_REPLAYED = Counter(
+    "fastingest_payloads_replayed", "payloads taken from the spool of an earlier run"
+)
+PAYLOADS_UPLOADED = Counter("fastingest_payloads_uploaded", "payloads stored in the sink")
+PAYLOADS_DEAD = Counter(
+    "fastingest_payloads_dead_lettered", "payloads written to the dead-letter directory"
+)
+OBJECTS_UPLOADED = Counter("fastingest_objects_uploaded", "objects (batches) stored in the sink")
+OBJECTS_DEAD = Counter("fastingest_objects_dead_lettered", "objects in the dead-letter directory")
+BYTES_OUT = Counter("fastingest_bytes_out", "object bytes stored in the sink (compressed)")
+UPLOAD_RETRIES = Counter(
+    "fastingest_upload_retries", "upload attempts retried, by error class", ["error"]
+)
+UPLOAD_SECONDS = Histogram(
+    "fastingest_upload_seconds",
+    "time to store one object, retries included",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+QUEUE_REQUESTS = Gauge(
+    "fastingest_queue_requests", "requests in the intake queue", multiprocess_mode="livesum"
+)
+QUEUE_BYTES = Gauge(
+    "fastingest_queue_bytes", "payload bytes in the intake queue", multiprocess_mode="livesum"
+)
+SPOOL_BYTES = Gauge(
+    "fastingest_spool_bytes", "bytes in spool segment files", multiprocess_mode="livesum"
+)
+SPOOL_SEGMENTS = Gauge(
+    "fastingest_spool_segments", "spool segment files", multiprocess_mode="livesum"
+)
+PAYLOADS_HELD = Gauge(
+    "fastingest_payloads_held",
+    "payloads accepted or replayed, not yet uploaded or dead-lettered",
+    multiprocess_mode="livesum",
+)
+
+
+def total(counter: Counter) -> float:
+    """This process's total of `counter`, over all its labels."""
+    return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text format for GET /metrics: this process, or every worker under --processes."""
+    if MULTIPROCESS:
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

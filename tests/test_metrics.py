@@ -1,0 +1,76 @@
+"""GET /metrics after a known load: the numbers add up, also summed over --processes."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from support import Server, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    status, headers, body = server.request("GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_add_up_after_a_known_load(tmp_path):
+    server = Server("--batch-max-age", "0.2", cwd=tmp_path)
+    good = [b'[{"a":1},{"b":2},{"c":3}]'] * 10
+    sent = 0
+    for body in good:
+        assert server.post(body)[0] == 202
+        sent += len(body)
+    for body in (b'{"a":', b"[1"):
+        assert server.post(body)[0] == 400
+        sent += len(body)
+    assert server.post(b"[1]")[0] == 422
+    sent += 3
+    assert server.request("GET", "/nowhere")[0] == 404
+    assert wait_until(lambda: value(scrape(server), "fastingest_payloads_uploaded_total") == 30)
+    m = scrape(server)
+    assert value(m, "fastingest_requests_total", route="/ingest", status="202") == 10
+    assert value(m, "fastingest_requests_total", route="/ingest", status="400") == 2
+    assert value(m, "fastingest_requests_total", route="/ingest", status="422") == 1
+    assert value(m, "fastingest_requests_total", route="unmatched", status="404") == 1
+    assert value(m, "fastingest_request_errors_total", error="malformed_json") == 2
+    assert value(m, "fastingest_request_errors_total", error="invalid_payload") == 1
+    assert value(m, "fastingest_bytes_in_total") == sent
+    accepted = value(m, "fastingest_payloads_accepted_total")
+    assert accepted == value(m, "fastingest_payloads_durable_total") == 30
+    # Reconciliation: accepted + replayed == uploaded + dead-lettered + held.
+    assert accepted + value(m, "fastingest_payloads_replayed_total") == (
+        value(m, "fastingest_payloads_uploaded_total")
+        + value(m, "fastingest_payloads_dead_lettered_total")
+        + value(m, "fastingest_payloads_held")
+    )
+    objects = value(m, "fastingest_objects_uploaded_total")
+    assert objects >= 1 and value(m, "fastingest_upload_seconds_count") == objects
+    assert value(m, "fastingest_bytes_out_total") > 0
+    assert value(m, "fastingest_queue_requests") == 0
+    assert value(m, "fastingest_payloads_held") == 0
+    assert server.stop() == 0
+
+
+def test_metrics_sum_over_worker_processes(tmp_path):
+    server = Server("--batch-max-age", "0.2", cwd=tmp_path, env={"FASTINGEST_PROCESSES": "2"})
+    assert wait_until(lambda: server.text.count("listening on") == 2, timeout=30)
+    for i in range(40):  # a fresh connection each: the kernel spreads them over both workers
+        assert server.post(b'{"i":%d}' % i)[0] == 202
+    assert wait_until(lambda: value(scrape(server), "fastingest_payloads_uploaded_total") == 40)
+    for _ in range(6):  # whichever worker answers, it reports both
+        m = scrape(server)
+        assert value(m, "fastingest_payloads_accepted_total") == 40
+        assert value(m, "fastingest_requests_total", route="/ingest", status="202") == 40
+    assert server.stop() == 0
+    served = [line for line in server.log if "stopped: accepted" in line]
+    assert len(served) == 2 and all("accepted 0 " not in line for line in served)
