@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
 from support import Server, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -74,3 +75,38 @@ def test_metrics_sum_over_worker_processes(tmp_path):
     assert server.stop() == 0
     served = [line for line in server.log if "stopped: accepted" in line]
     assert len(served) == 2 and all("accepted 0 " not in line for line in served)
+
+
+def test_json_logs_never_carry_payloads_or_tokens(tmp_path):
+    import json
+
+    secret, marker = "tok-9f8e7d", "PAYLOAD-CONTENT-7731"
+    server = Server(
+        "--auth-token",
+        secret,
+        "--log-format",
+        "json",
+        "--sink",
+        "s3://nowhere",
+        "--upload-attempts",
+        "1",
+        cwd=tmp_path,
+        env={
+            "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+            "AWS_ACCESS_KEY_ID": "x",
+            "AWS_SECRET_ACCESS_KEY": "x",
+            "AWS_REGION": "us-east-1",
+        },
+    )
+    auth = {"Authorization": f"Bearer {secret}"}
+    assert server.post(b'{"note":"%s"}' % marker.encode(), **auth)[0] == 202
+    assert server.post(b'{"note":"%s", broken' % marker.encode(), **auth)[0] == 400
+    assert (
+        server.post(b'{"note":"%s"}' % marker.encode(), Authorization="Bearer " + secret + "x")[0]
+        == 401
+    )
+    assert server.stop() == 0  # the upload fails: the object is dead-lettered, with a log line
+    lines = [json.loads(line) for line in server.log]
+    assert {"time", "level", "logger", "message", "pid"} <= set(lines[0])
+    assert any(e["level"] == "error" and "dead-lettered" in e["message"] for e in lines)
+    assert marker not in server.text and secret not in server.text

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 
 from fastingest import __version__
 from fastingest.config import add_arguments, resolve
+from fastingest.logs import configure as configure_logging
 
 DESCRIPTION = """\
 Take JSON payloads over HTTP and land every one of them in S3 or a directory.
@@ -52,11 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     settings = resolve(args)
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(settings.log_level, settings.log_format)
     if settings.process_count > 1 and settings.worker_index is None:
         from fastingest.supervisor import Supervisor
 

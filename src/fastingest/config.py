@@ -212,6 +212,13 @@ OPTIONS: list[Option] = [
         _positive(float),
     ),
     Option(
+        "--log-format",
+        ("FASTINGEST_LOG_FORMAT",),
+        "one line per event: json, text, or auto (text on a terminal, json otherwise)",
+        str,
+        ("auto", "json", "text"),
+    ),
+    Option(
         "--log-level",
         ("FASTINGEST_LOG_LEVEL",),
         "logging level",
@@ -247,6 +254,7 @@ class Settings:
     auth_token_file: Path | None = None
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     upload_attempts: int = DEFAULT_UPLOAD_ATTEMPTS
+    log_format: str = "auto"
     log_level: str = "INFO"
     retry_base_delay: float = DEFAULT_RETRY_BASE
     retry_max: float = field(default=DEFAULT_RETRY_MAX, repr=False)
