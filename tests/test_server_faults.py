@@ -164,3 +164,36 @@ def test_signal_under_load_loses_nothing_acknowledged(tmp_path, s3, bucket, s3_e
     missing = Counter(acked) - got
     assert not missing, f"{sum(missing.values())} acknowledged payloads were lost"
     assert "dead-lettered 0" in server.text
+
+
+def test_memory_stays_bounded_with_the_queue_full_and_the_sink_stalled(tmp_path, stalled, s3_env):
+    """Defaults, sink stalled, ~400 MiB offered: peak RSS stays under the documented 256 MiB."""
+    import random
+
+    server = Server(
+        "--sink",
+        "s3://stalled",
+        "--shutdown-timeout",
+        "2",
+        cwd=tmp_path,
+        env={**s3_env, "AWS_ENDPOINT_URL": stalled.url},
+    )
+    rng = random.Random(5)
+    # ~900 KiB NDJSON bodies of 450-byte payloads that compress about as well as real events.
+    lines = [
+        b'{"id":"%032x","v":%d,"note":"%s"}'
+        % (rng.getrandbits(128), i, bytes(rng.choice(b"abcdefghij klmnop") for _ in range(380)))
+        for i in range(2000)
+    ]
+    body = b"\n".join(lines) + b"\n"
+    statuses: Counter[int] = Counter()
+    for _ in range(450):
+        statuses[server.post(body, "application/x-ndjson")[0]] += 1
+        if statuses[503] >= 20:
+            break
+    assert statuses[503] >= 20, f"never filled up: {statuses}"  # full: the bound is reached
+    status_file = f"/proc/{server.proc.pid}/status"
+    peak_kib = next(int(line.split()[1]) for line in open(status_file) if line.startswith("VmHWM"))
+    assert server.stop() == 0
+    held_mib = statuses[202] * len(body) / 2**20
+    assert peak_kib / 1024 <= 256, f"peak RSS {peak_kib / 1024:.0f} MiB holding {held_mib:.0f} MiB"

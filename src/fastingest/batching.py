@@ -96,6 +96,7 @@ class Upload:
 
     @property
     def raw_size(self) -> int:
+        """Uncompressed bytes, before seal()."""
         return sum(len(p) for p in self.parts)
 
     def seal(self, compress: Callable[[bytes], bytes]) -> None:
@@ -106,6 +107,7 @@ class Upload:
         self.sha256 = hashlib.sha256(raw).hexdigest()
         self.body = compress(raw)
         self.content_md5 = base64.b64encode(hashlib.md5(self.body).digest()).decode()
+        self.parts = []  # only the (compressed) body is needed from here: free the chunks
 
     def metadata(self) -> dict[str, str]:
         """What a downstream job needs to check an object is complete."""

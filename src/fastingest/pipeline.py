@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from fastingest import metrics
 from fastingest.batching import (
@@ -46,6 +48,7 @@ from fastingest.spool import BATCH, DATA, LAST_SEQ, Record, Spool, SpoolError
 log = logging.getLogger("fastingest.pipeline")
 
 DRAIN_CHUNKS = 1024  # chunks the batcher takes from the intake per round
+JOBS_WAITING = 4  # closed batches queued for the upload workers
 SEAL_IN_THREAD_BYTES = 64 * 1024  # smaller bodies compress faster than a thread hop
 MARKER_RETRY = 0.5  # seconds between tries to record a closing batch on a failing disk
 
@@ -58,7 +61,12 @@ class Pipeline:
         self.per_payload = settings.mode == "per-payload"
         self.compress = compressor("none" if self.per_payload else settings.compression)
         self.intake: RingQueue[bytes] = RingQueue(settings.max_queue, settings.max_queue_bytes)
-        self.jobs: RingQueue[Upload] = RingQueue(settings.max_workers)
+        # A few closed batches waiting for a worker keep the workers busy; more would only
+        # hold memory (each is up to --batch-max-bytes) while the sink is slow.
+        self.jobs: RingQueue[Upload] = RingQueue(min(settings.max_workers, JOBS_WAITING))
+        # Compression runs here, one thread per CPU: zlib drops the GIL, and a bounded
+        # pool bounds how many uncompressed copies exist at once.
+        self._sealer = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="fastingest-seal")
         self.pool: WorkerPool[Upload] = WorkerPool(
             settings.max_workers,
             self._store,
@@ -272,7 +280,8 @@ class Pipeline:
         started = time.monotonic()
         try:
             if upload.raw_size > SEAL_IN_THREAD_BYTES:
-                await asyncio.to_thread(upload.seal, self.compress)
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._sealer, upload.seal, self.compress)
             else:
                 upload.seal(self.compress)
             while True:
@@ -356,6 +365,7 @@ class Pipeline:
         except TimeoutError:
             log.error("shutdown deadline (%.1fs) passed: dead-lettering what is left", timeout)
             await self._dead_letter_everything()
+        self._sealer.shutdown(wait=True)
         await self.spool.close()
 
     async def _dead_letter_everything(self) -> None:
