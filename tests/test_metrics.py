@@ -57,7 +57,8 @@ def test_metrics_add_up_after_a_known_load(tmp_path):
     objects = value(m, "fastingest_objects_uploaded_total")
     assert objects >= 1 and value(m, "fastingest_upload_seconds_count") == objects
     assert value(m, "fastingest_bytes_out_total") > 0
-    assert value(m, "fastingest_queue_requests") == 0
+    assert value(m, "fastingest_queue_requests") == value(m, "fastingest_queue_payloads") == 0
+    assert value(m, "fastingest_batches_closed_total") == objects
     assert value(m, "fastingest_payloads_held") == 0
     assert server.stop() == 0
 
@@ -110,3 +111,16 @@ def test_json_logs_never_carry_payloads_or_tokens(tmp_path):
     assert {"time", "level", "logger", "message", "pid"} <= set(lines[0])
     assert any(e["level"] == "error" and "dead-lettered" in e["message"] for e in lines)
     assert marker not in server.text and secret not in server.text
+
+
+def test_readiness_fails_as_soon_as_draining_starts(tmp_path):
+    import signal
+
+    server = Server("--drain-delay", "1.5", cwd=tmp_path)
+    assert server.request("GET", "/readyz")[0] == 200
+    server.proc.send_signal(signal.SIGTERM)
+    assert wait_until(lambda: "draining: not ready" in server.text, timeout=10)
+    status, _, answer = server.request("GET", "/readyz")
+    assert (status, answer["error"]) == (503, "draining")
+    assert server.post(b'{"late": true}')[0] == 202  # still served during the delay
+    assert server.stop() == 0

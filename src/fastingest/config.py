@@ -199,6 +199,13 @@ OPTIONS: list[Option] = [
         _positive(float),
     ),
     Option(
+        "--drain-delay",
+        ("FASTINGEST_DRAIN_DELAY",),
+        "seconds to keep serving after SIGTERM with /readyz failing, so a load balancer "
+        "can stop sending traffic first (0 with a Kubernetes preStop hook)",
+        float,
+    ),
+    Option(
         "--upload-attempts",
         ("FASTINGEST_UPLOAD_ATTEMPTS",),
         "tries per object before it goes to the dead-letter directory",
@@ -253,6 +260,7 @@ class Settings:
     auth_token: tuple[str, ...] = ()
     auth_token_file: Path | None = None
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    drain_delay: float = 0.0
     upload_attempts: int = DEFAULT_UPLOAD_ATTEMPTS
     log_format: str = "auto"
     log_level: str = "INFO"

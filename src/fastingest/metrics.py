@@ -53,6 +53,10 @@ UPLOAD_SECONDS = Histogram(
 QUEUE_REQUESTS = Gauge(
     "fastingest_queue_requests", "requests in the intake queue", multiprocess_mode="livesum"
 )
+QUEUE_PAYLOADS = Gauge(
+    "fastingest_queue_payloads", "payloads in the intake queue", multiprocess_mode="livesum"
+)
+BATCHES_CLOSED = Counter("fastingest_batches_closed", "batches closed (each becomes one object)")
 QUEUE_BYTES = Gauge(
     "fastingest_queue_bytes", "payload bytes in the intake queue", multiprocess_mode="livesum"
 )

@@ -81,6 +81,7 @@ class Pipeline:
         self._open: Batch | None = None
         self._open_deadline = 0.0  # monotonic time the open batch must close by
         self._open_waiters = 0  # requests with ack "uploaded" whose chunk is in the open batch
+        self._queued_payloads = 0  # payloads in the intake (for the metric)
         self._handoff: list[Upload] = []  # closed, not yet in `jobs`
         self._in_flight: dict[int, Upload] = {}  # id -> upload being stored by a worker
         self._parts_left: dict[int, int] = {}  # per-payload mode: seq -> objects to go
@@ -171,6 +172,7 @@ class Pipeline:
         self.spool.check(len(chunk))
         self.intake.put_nowait(chunk)
         metrics.PAYLOADS_ACCEPTED.inc(payloads)
+        self._queued_payloads += payloads
         stored = None
         if want_upload:  # registered before the batcher can see the chunk
             stored = asyncio.get_running_loop().create_future()
@@ -231,6 +233,7 @@ class Pipeline:
             self._taken_seq += 1
             if self.per_payload:
                 uploads = per_payload(chunk, seq, self.keys, now)
+                self._queued_payloads -= len(uploads)
                 if len(uploads) > 1:
                     self._parts_left[seq] = len(uploads)
                 self._handoff += uploads
@@ -238,7 +241,9 @@ class Pipeline:
             if self._open is None:
                 self._open = Batch(now, seq, s.batch_max_bytes, s.batch_max_payloads)
                 self._open_deadline = time.monotonic() + s.batch_max_age
+            before = self._open.payloads
             self._open.add(chunk, now)
+            self._queued_payloads -= self._open.payloads - before
             self._open_waiters += seq in self._upload_waiters
             if self._open.full:
                 self._close_open()
@@ -247,6 +252,7 @@ class Pipeline:
         if self._open is not None and self._open.payloads:
             assert self.keys is not None
             self._handoff.append(self._open.close(self.keys, self.settings.compression))
+            metrics.BATCHES_CLOSED.inc()
         self._open = None
         self._open_waiters = 0
 
@@ -348,6 +354,7 @@ class Pipeline:
     def update_gauges(self) -> None:
         m = metrics
         m.QUEUE_REQUESTS.set(self.intake.qsize())
+        m.QUEUE_PAYLOADS.set(self._queued_payloads)
         m.QUEUE_BYTES.set(self.intake.nbytes)
         m.SPOOL_BYTES.set(self.spool.on_disk)
         m.SPOOL_SEGMENTS.set(len(self.spool.segments))

@@ -271,6 +271,9 @@ async def _serve_until(stop: asyncio.Event, settings: Settings) -> None:
     await stop.wait()
     await gauges
     started_at = loop.time()
+    if settings.drain_delay > 0:  # /readyz already fails: let the load balancer notice
+        log.info("draining: not ready, still serving for %.1fs", settings.drain_delay)
+        await asyncio.sleep(settings.drain_delay)
     log.info("stopping: no new connections, finishing requests, draining the queue")
     await runner.cleanup()  # stop listening, let in-flight requests finish
     left = max(0.1, settings.shutdown_timeout - (loop.time() - started_at))
