@@ -19,6 +19,11 @@ Locking model (read this before changing anything below)
   ever asks for the GIL while it holds the mutex; keep it that way (in
   particular, never run Python code -- ``len()`` of a subclass, ``__del__`` --
   between ``mutex_lock`` and ``mutex_unlock``).
+* ``nogil_users`` counts threads inside (or about to enter) a ``with nogil``
+  section of this queue; it changes only under the GIL. While it is 0, every
+  thread that can touch the ring holds the GIL, so the fast paths skip the
+  mutex (``fast_lock``). A thread registers before it releases the GIL, so
+  whoever comes after it takes the mutex. A build without a GIL always locks.
 * Asyncio waiters are futures in Python deques, touched only under the GIL.
   A put or get wakes one waiter of the other side, on its own loop directly or
   through ``call_soon_threadsafe`` when the waker is another thread.
@@ -71,6 +76,17 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_broadcast(pthread_cond_t*)
 
 
+cdef extern from *:
+    """
+    #ifdef Py_GIL_DISABLED
+    #define FI_GIL_SERIALISES 0
+    #else
+    #define FI_GIL_SERIALISES 1
+    #endif
+    """
+    bint FI_GIL_SERIALISES
+
+
 # Result codes of the push helpers.
 cdef enum:
     PUSHED = 0
@@ -97,6 +113,7 @@ ctypedef struct ring_t:
     bint closed
     Py_ssize_t get_waiters       # threads blocked in ring_wait_pop
     Py_ssize_t put_waiters       # threads blocked in ring_wait_push
+    Py_ssize_t nogil_users       # threads in a nogil section of this ring; changed under the GIL
     pthread_mutex_t lock
     pthread_cond_t not_empty
     pthread_cond_t not_full
@@ -140,14 +157,22 @@ cdef inline void* ring_pop(ring_t* r) noexcept nogil:
     return item
 
 
-cdef inline int ring_try_push(ring_t* r, void* item, Py_ssize_t size, bint final) noexcept nogil:
-    """Lock, push if there is room, unlock. The caller owns a reference for the ring.
+cdef inline bint fast_lock(ring_t* r) noexcept:
+    """GIL held: take the mutex unless the GIL alone serialises this ring; True if taken."""
+    if FI_GIL_SERIALISES and r.nogil_users == 0:
+        return False
+    pthread_mutex_lock(&r.lock)
+    return True
+
+
+cdef inline int ring_try_push(ring_t* r, void* item, Py_ssize_t size, bint final) noexcept:
+    """GIL held: push if there is room. The caller owns a reference for the ring.
 
     `final`: a refusal is the caller's last word (counted as rejected), not a
     first try before waiting.
     """
     cdef int rc
-    pthread_mutex_lock(&r.lock)
+    cdef bint locked = fast_lock(r)
     if r.closed:
         rc = CLOSED
     elif ring_fits(r, size):
@@ -156,18 +181,20 @@ cdef inline int ring_try_push(ring_t* r, void* item, Py_ssize_t size, bint final
     else:
         r.rejected += final
         rc = FULL
-    pthread_mutex_unlock(&r.lock)
+    if locked:
+        pthread_mutex_unlock(&r.lock)
     return rc
 
 
-cdef inline void* ring_try_pop(ring_t* r, bint* closed) noexcept nogil:
-    """Lock, pop the oldest item or return NULL, unlock."""
+cdef inline void* ring_try_pop(ring_t* r, bint* closed) noexcept:
+    """GIL held: pop the oldest item or return NULL."""
     cdef void* item = NULL
-    pthread_mutex_lock(&r.lock)
+    cdef bint locked = fast_lock(r)
     if r.count:
         item = ring_pop(r)
     closed[0] = r.closed
-    pthread_mutex_unlock(&r.lock)
+    if locked:
+        pthread_mutex_unlock(&r.lock)
     return item
 
 
@@ -397,7 +424,7 @@ cdef class RingQueue:
         cdef list seq = items if type(items) is list else list(items)
         cdef Py_ssize_t n = len(seq), i, taken = 0
         cdef Py_ssize_t* sizes
-        cdef bint closed
+        cdef bint closed, locked
         if n == 0:
             if self.closed:
                 raise QueueClosed("queue is closed")
@@ -409,7 +436,7 @@ cdef class RingQueue:
             # Sizes first: len() may run Python code, which must not happen under the mutex.
             for i in range(n):
                 sizes[i] = self._checked_size(seq[i])
-            pthread_mutex_lock(&self.r.lock)
+            locked = fast_lock(&self.r)
             if not self.r.closed:
                 while taken < n and ring_fits(&self.r, sizes[taken]):
                     Py_INCREF(seq[taken])
@@ -417,7 +444,8 @@ cdef class RingQueue:
                     taken += 1
                 self.r.rejected += n - taken
             closed = self.r.closed
-            pthread_mutex_unlock(&self.r.lock)
+            if locked:
+                pthread_mutex_unlock(&self.r.lock)
         finally:
             PyMem_Free(sizes)
         if closed:
@@ -445,7 +473,7 @@ cdef class RingQueue:
         out = <void**>PyMem_Malloc(want * sizeof(void*))
         if out == NULL:
             raise MemoryError()
-        pthread_mutex_lock(&self.r.lock)
+        cdef bint locked = fast_lock(&self.r)
         while n < want and self.r.count:
             if n and limit >= 0 and nbytes + self.r.sizes[self.r.head] > limit:
                 break
@@ -453,7 +481,8 @@ cdef class RingQueue:
             out[n] = ring_pop(&self.r)
             n += 1
         closed = self.r.closed
-        pthread_mutex_unlock(&self.r.lock)
+        if locked:
+            pthread_mutex_unlock(&self.r.lock)
         result = PyList_New(n)
         for i in range(n):
             list_set_item_steal(result, i, out[i])   # the list takes over the ring's reference
@@ -486,19 +515,22 @@ cdef class RingQueue:
             else:
                 main = threading.get_ident() == _MAIN_THREAD_ID
             Py_INCREF(item)
-            while True:
-                if main:
-                    deadline_after(&slice_end, _MAIN_THREAD_SLICE)
-                with nogil:
-                    rc = ring_wait_push(&self.r, <void*>item, size,
-                                        &slice_end if main else (NULL if forever else &deadline))
-                if rc != FULL or not main:
-                    break
-                try:
+            self.r.nogil_users += 1
+            try:
+                while True:
+                    if main:
+                        deadline_after(&slice_end, _MAIN_THREAD_SLICE)
+                    with nogil:
+                        rc = ring_wait_push(&self.r, <void*>item, size,
+                                            &slice_end if main else (NULL if forever else &deadline))
+                    if rc != FULL or not main:
+                        break
                     PyErr_CheckSignals()
-                except BaseException:
-                    Py_DECREF(item)
-                    raise
+            except BaseException:
+                Py_DECREF(item)
+                raise
+            finally:
+                self.r.nogil_users -= 1
             if rc == PUSHED:
                 self._pushed()
             else:
@@ -526,16 +558,20 @@ cdef class RingQueue:
                 deadline_after(&deadline, timeout)
             else:
                 main = threading.get_ident() == _MAIN_THREAD_ID
-            while True:
-                if main:
-                    deadline_after(&slice_end, _MAIN_THREAD_SLICE)
-                with nogil:
-                    p = ring_wait_pop(&self.r,
-                                      &slice_end if main else (NULL if forever else &deadline),
-                                      &closed)
-                if p != NULL or closed or not main:
-                    break
-                PyErr_CheckSignals()
+            self.r.nogil_users += 1
+            try:
+                while True:
+                    if main:
+                        deadline_after(&slice_end, _MAIN_THREAD_SLICE)
+                    with nogil:
+                        p = ring_wait_pop(&self.r,
+                                          &slice_end if main else (NULL if forever else &deadline),
+                                          &closed)
+                    if p != NULL or closed or not main:
+                        break
+                    PyErr_CheckSignals()
+            finally:
+                self.r.nogil_users -= 1
         if p != NULL:
             return self._took(p)
         if closed:
@@ -624,14 +660,15 @@ cdef class RingQueue:
 
     cdef Py_ssize_t _read(self, int field) noexcept:
         cdef Py_ssize_t value
-        pthread_mutex_lock(&self.r.lock)
+        cdef bint locked = fast_lock(&self.r)
         if field == 0:
             value = self.r.count
         elif field == 1:
             value = self.r.nbytes
         else:
             value = self.r.closed
-        pthread_mutex_unlock(&self.r.lock)
+        if locked:
+            pthread_mutex_unlock(&self.r.lock)
         return value
 
     def qsize(self):
