@@ -13,7 +13,14 @@ if os.environ.get("FASTINGEST_NO_EXTENSIONS", "") in ("", "0"):
     from Cython.Build import cythonize
 
     ext_modules = cythonize(
-        [Extension("fastingest._queue", ["src/fastingest/_queue.pyx"], extra_compile_args=["-O2"])],
+        [
+            Extension(
+                "fastingest._queue",
+                ["src/fastingest/_queue.pyx"],
+                include_dirs=["src/fastingest"],  # _await.h
+                extra_compile_args=["-O2"],
+            )
+        ],
         compiler_directives={"language_level": "3", "embedsignature": True},
     )
 

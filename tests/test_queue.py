@@ -363,3 +363,43 @@ def test_async_waiters_on_two_loops(RingQueue):
         t.join(10)
         assert not t.is_alive()
     assert sorted(got) == list(range(n))
+
+
+def test_async_operations_are_lazy_coroutines(RingQueue):
+    """aget()/aput() do nothing until awaited, and asyncio takes them as coroutines."""
+
+    async def main():
+        q = RingQueue(2)
+        q.put_nowait("first")
+        pending = q.aget()  # not awaited: takes nothing
+        assert q.qsize() == 1
+        pending.close()
+        q.aput("never").close()
+        assert q.qsize() == 1
+        # A task cancelled before its first step took nothing either.
+        task = asyncio.create_task(q.aget())
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert q.qsize() == 1
+        assert await asyncio.wait_for(q.aget(), 1) == "first"
+        assert await asyncio.create_task(q.aput("second")) is None
+        assert await asyncio.ensure_future(q.aget()) == "second"
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(q.aget(), 0.01)  # the waiting path, then cancelled
+        q.put_nowait("third")
+        assert await q.aget() == "third"  # nothing was lost by that cancellation
+
+    asyncio.run(main())
+
+
+def test_an_awaited_operation_cannot_be_reused(RingQueue):
+    async def main():
+        q = RingQueue(2)
+        q.put_nowait(1)
+        op = q.aget()
+        assert await op == 1
+        with pytest.raises(RuntimeError):
+            await op
+
+    asyncio.run(main())

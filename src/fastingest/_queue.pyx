@@ -39,6 +39,7 @@ from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.errno cimport ETIMEDOUT
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
+import collections.abc
 import threading
 from asyncio import get_running_loop
 from asyncio.events import _get_running_loop
@@ -85,6 +86,12 @@ cdef extern from *:
     #endif
     """
     bint FI_GIL_SERIALISES
+
+
+cdef extern from "_await.h":
+    ctypedef object (*fi_step_fn)(object, object)
+    object fi_await_init(object would_block)
+    object fi_await_new(object queue, object arg, fi_step_fn fast, fi_step_fn slow)
 
 
 # Result codes of the push helpers.
@@ -580,8 +587,15 @@ cdef class RingQueue:
 
     # --- asyncio ----------------------------------------------------------
 
-    async def aput(self, item):
-        """Add `item`, suspending the task while the queue is full."""
+    def aput(self, item):
+        """Add `item`, suspending the task while the queue is full. Await it (a coroutine)."""
+        return fi_await_new(self, item, _aput_fast, _aput_slow)
+
+    def aget(self):
+        """Take the oldest item, suspending the task while the queue is empty. Await it."""
+        return fi_await_new(self, None, _aget_fast, _aget_slow)
+
+    async def _aput_wait(self, item):
         cdef Py_ssize_t size = self._checked_size(item)
         cdef int rc
         while True:
@@ -590,16 +604,9 @@ cdef class RingQueue:
                 return
             if rc == CLOSED:
                 raise QueueClosed("queue is closed")
-            fut = get_running_loop().create_future()
-            self._putters.append(fut)
-            try:
-                await fut
-            except BaseException:
-                abandon(self._putters, fut)
-                raise
+            await _park(self._putters)
 
-    async def aget(self):
-        """Take the oldest item, suspending the task while the queue is empty."""
+    async def _aget_wait(self):
         cdef bint closed
         cdef void* p
         while True:
@@ -608,13 +615,7 @@ cdef class RingQueue:
                 return self._took(p)
             if closed:
                 raise QueueClosed("queue is closed and drained")
-            fut = get_running_loop().create_future()
-            self._getters.append(fut)
-            try:
-                await fut
-            except BaseException:
-                abandon(self._getters, fut)
-                raise
+            await _park(self._getters)
 
     async def aget_many(self, Py_ssize_t max_items, max_bytes=None):
         """Like get_many, but suspends the task until at least one item is there."""
@@ -622,13 +623,7 @@ cdef class RingQueue:
             items = self.get_many(max_items, max_bytes)
             if items:
                 return items
-            fut = get_running_loop().create_future()
-            self._getters.append(fut)
-            try:
-                await fut
-            except BaseException:
-                abandon(self._getters, fut)
-                raise
+            await _park(self._getters)
 
     # --- lifecycle and introspection --------------------------------------
 
@@ -703,3 +698,50 @@ cdef class RingQueue:
     def __repr__(self):
         return (f"<RingQueue {self.qsize()}/{self.r.capacity} items, "
                 f"{self.nbytes}/{self.max_bytes} bytes{' closed' if self.closed else ''}>")
+
+
+# --- asyncio steps behind fi_await_new (see _await.h) ----------------------------
+
+_WOULD_BLOCK = object()
+QueueOperation = fi_await_init(_WOULD_BLOCK)
+collections.abc.Coroutine.register(QueueOperation)  # so create_task() and friends take it
+
+
+async def _park(waiters):
+    """Wait in `waiters` until a put or get of the other side wakes this task."""
+    fut = get_running_loop().create_future()
+    waiters.append(fut)
+    try:
+        await fut
+    except BaseException:
+        abandon(waiters, fut)
+        raise
+
+
+cdef object _aput_fast(object queue, object item):
+    cdef RingQueue q = <RingQueue>queue
+    cdef int rc = q._put(item, q._checked_size(item), False)
+    if rc == PUSHED:
+        return None
+    if rc == CLOSED:
+        raise QueueClosed("queue is closed")
+    return _WOULD_BLOCK
+
+
+cdef object _aput_slow(object queue, object item):
+    return (<RingQueue>queue)._aput_wait(item)
+
+
+cdef object _aget_fast(object queue, object unused):
+    cdef RingQueue q = <RingQueue>queue
+    cdef bint closed
+    cdef void* p = ring_try_pop(&q.r, &closed)
+    if p != NULL:
+        return q._took(p)
+    if closed:
+        raise QueueClosed("queue is closed and drained")
+    return _WOULD_BLOCK
+
+
+cdef object _aget_slow(object queue, object unused):
+    return (<RingQueue>queue)._aget_wait()
