@@ -383,8 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-queue", type=int, default=10000)
     ap.add_argument("--anchors", type=Path, default=DEFAULT_ANCHORS)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--redraw", type=Path, default=None,
-                    help="print the table and draw the chart of a saved results JSON, run nothing")
+    ap.add_argument(
+        "--redraw",
+        type=Path,
+        default=None,
+        help="print the table and draw the chart of a saved results JSON, run nothing",
+    )
     args = ap.parse_args(argv)
     if args.redraw is not None:
         saved = [Result(**r) for r in json.loads(args.redraw.read_text())["results"]]
