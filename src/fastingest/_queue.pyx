@@ -318,6 +318,17 @@ cdef int abandon(object waiters, object fut) except -1:
 _MAIN_THREAD_ID = threading.main_thread().ident
 
 
+cdef int wait_plan(object timeout, timespec* deadline) except -1:
+    """Before a blocking wait: fill `deadline` from `timeout`; 1 if the wait is endless
+    on the main thread, which then waits in slices so signal handlers can run."""
+    if timeout is not None:
+        if timeout < 0:
+            raise ValueError("timeout must be >= 0")
+        deadline_after(deadline, timeout)
+        return 0
+    return threading.get_ident() == _MAIN_THREAD_ID
+
+
 cdef class RingQueue:
     """Bounded FIFO of Python objects, by count and optionally by bytes.
 
@@ -513,14 +524,9 @@ cdef class RingQueue:
         cdef int rc = self._put(item, size, False)   # ring_wait_push counts a final refusal
         cdef timespec deadline, slice_end
         cdef bint forever = timeout is None
-        cdef bint main = False
+        cdef bint main
         if rc == FULL:
-            if not forever:
-                if timeout < 0:
-                    raise ValueError("timeout must be >= 0")
-                deadline_after(&deadline, timeout)
-            else:
-                main = threading.get_ident() == _MAIN_THREAD_ID
+            main = wait_plan(timeout, &deadline)
             Py_INCREF(item)
             self.r.nogil_users += 1
             try:
@@ -557,14 +563,9 @@ cdef class RingQueue:
         cdef void* p = ring_try_pop(&self.r, &closed)
         cdef timespec deadline, slice_end
         cdef bint forever = timeout is None
-        cdef bint main = False
+        cdef bint main
         if p == NULL and not closed:
-            if not forever:
-                if timeout < 0:
-                    raise ValueError("timeout must be >= 0")
-                deadline_after(&deadline, timeout)
-            else:
-                main = threading.get_ident() == _MAIN_THREAD_ID
+            main = wait_plan(timeout, &deadline)
             self.r.nogil_users += 1
             try:
                 while True:
