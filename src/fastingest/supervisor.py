@@ -28,8 +28,21 @@ YOUNG = 5.0  # a child that dies sooner than this is restarted after RESTART_BAC
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
-    """Bind (never listen) a SO_REUSEPORT socket: it fixes the port and joins no accept queue."""
+    """Bind (never listen) a SO_REUSEPORT socket: it fixes the port and joins no accept queue.
+
+    A plain bind first: SO_REUSEPORT alone would let a second fastingest share a port
+    that is already serving, and split its traffic without a word.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise SystemExit(
+                f"fastingest: cannot listen on {host}:{port}: {exc.strerror}"
+            ) from None
+        port = probe.getsockname()[1]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
