@@ -316,3 +316,30 @@ def test_health_and_readiness(tmp_path, s3, bucket, s3_env):
     status, _, answer = missing.request("GET", "/readyz")
     assert status == 503 and answer["error"] == "sink_unreachable"
     assert missing.stop() == 0
+
+
+def test_a_busy_port_is_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    first = Server(cwd=tmp_path)
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastingest",
+            "serve",
+            "--processes",
+            "1",
+            "--listen",
+            f"127.0.0.1:{first.port}",
+            "--data-dir",
+            str(tmp_path / "other"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert second.returncode == 1
+    assert "cannot listen on" in second.stderr and "Traceback" not in second.stderr
+    assert first.stop() == 0

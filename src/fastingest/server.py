@@ -256,7 +256,13 @@ async def _serve_until(stop: asyncio.Event, settings: Settings) -> None:
     site = web.TCPSite(
         runner, host, port, backlog=1024, reuse_port=settings.worker_index is not None
     )
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:  # the port is taken: store what a spool replay queued, then say so
+        await runner.cleanup()
+        await pipeline.stop(settings.shutdown_timeout)
+        await sink.close()
+        raise SystemExit(f"fastingest: cannot listen on {host}:{port}: {exc}") from None
     log.info(
         "fastingest%s listening on http://%s:%d/ingest; sink %r, mode %s, ack %s, %d workers",
         "" if settings.worker_index is None else f" worker {settings.worker_index}",
