@@ -318,11 +318,16 @@ def test_health_and_readiness(tmp_path, s3, bucket, s3_env):
     assert missing.stop() == 0
 
 
-def test_a_busy_port_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_busy_port_is_a_clear_error(tmp_path, processes):
+    """Never a traceback, and never a second server silently sharing the port (SO_REUSEPORT)."""
     import subprocess
     import sys
 
-    first = Server(cwd=tmp_path)
+    from support import wait_until
+
+    first = Server(cwd=tmp_path, env={"FASTINGEST_PROCESSES": processes})
+    assert wait_until(lambda: first.text.count("listening on") == int(processes), timeout=30)
     second = subprocess.run(
         [
             sys.executable,
@@ -330,7 +335,7 @@ def test_a_busy_port_is_a_clear_error(tmp_path):
             "fastingest",
             "serve",
             "--processes",
-            "1",
+            processes,
             "--listen",
             f"127.0.0.1:{first.port}",
             "--data-dir",
