@@ -13,7 +13,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable
-from types import GenericAlias
 from typing import Generic, TypeVar
 
 from fastingest.errors import QueueClosed, QueueEmpty, QueueFull
@@ -69,8 +68,6 @@ def _abandon(waiters: deque[asyncio.Future[None]], fut: asyncio.Future[None]) ->
 
 class RingQueue(Generic[T]):
     """Bounded FIFO of Python objects, by count and optionally by bytes."""
-
-    __class_getitem__ = classmethod(GenericAlias)  # type: ignore[assignment]
 
     def __init__(self, maxsize: int, max_bytes: int | None = None) -> None:
         if maxsize < 1:

@@ -163,7 +163,7 @@ def _join(items: list[Any], field: str) -> tuple[bytes, int]:
 
 
 def _parse_ndjson(body: bytes) -> Payloads:
-    lines = []
+    lines: list[bytes] = []
     loads = orjson.loads
     for number, line in enumerate(body.split(b"\n"), 1):
         line = line.strip()

@@ -100,16 +100,17 @@ class WorkerPool(Generic[T]):
             ]
             self._dispatcher = loop.create_task(self._adispatch(), name=f"{self.name}-dispatch")
         else:
-            self._workers = [
+            threads = [
                 threading.Thread(
                     target=self._worker, args=(ch,), name=f"{self.name}-{i}", daemon=True
                 )
                 for i, ch in enumerate(self._channels)
             ]
+            self._workers = list(threads)
             self._dispatcher = threading.Thread(
                 target=self._dispatch, name=f"{self.name}-dispatch", daemon=True
             )
-            for t in self._workers:
+            for t in threads:
                 t.start()
             self._dispatcher.start()
 
@@ -143,7 +144,7 @@ class WorkerPool(Generic[T]):
             self._dispatcher.cancel()
         await asyncio.gather(self._dispatcher, return_exceptions=True)
         self._end_workers()
-        await asyncio.gather(*self._workers)  # type: ignore[misc]
+        await asyncio.gather(*(t for t in self._workers if isinstance(t, asyncio.Task)))
 
     async def abort(self) -> list[T]:
         """Asyncio mode: cancel the dispatcher and every worker now.

@@ -50,7 +50,7 @@ def json_response(
 
 
 def error(status: int, code: str, detail: str, **headers: str) -> web.Response:
-    return json_response(status, {"error": code, "detail": detail}, **headers)
+    return json_response(status, {"error": code, "detail": detail}, headers)
 
 
 @web.middleware
