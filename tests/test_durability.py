@@ -84,7 +84,8 @@ def test_restart_uploads_what_the_spool_holds(tmp_path, s3, bucket, s3_env):
     assert "replayed the spool" in alive.text
     assert alive.stop() == 0
     assert_exactly_once(landed_s3(s3, bucket)[0], acked)
-    assert list((tmp_path / "fastingest-data" / "spool").glob("seg-*.log")) == []
+    spool = tmp_path / "fastingest-data" / "spool" / "0"
+    assert spool.is_dir() and list(spool.glob("seg-*.log")) == []
 
 
 async def kill_during_load(server: Server, pause: float, load_args: dict) -> None:
@@ -236,3 +237,28 @@ def test_spool_disk_full_answers_503_and_loses_nothing(tmp_path, s3, bucket, s3_
     got, _ = landed_s3(s3, bucket)
     assert all(n == 1 for n in got.values())
     assert not Counter(acked) - got
+
+
+def test_a_spool_left_by_more_processes_is_reported_then_replayed(tmp_path, s3, bucket, s3_env):
+    from fastingest.spool import DATA, Spool
+
+    async def leave_behind() -> None:  # what worker 1 of a crashed 2-process run left
+        spool = Spool(tmp_path / "fastingest-data" / "spool" / "1", 1 << 30)
+        spool.open()
+        await spool.wait(spool.append(DATA, 0, 1700000000.0, body(1, "stranded") + b"\n", 1))
+        import os
+
+        os.close(spool._file)  # let go as a dying process would: no clean close, lock released
+        os.close(spool._lock_fd)
+
+    asyncio.run(leave_behind())
+    single = Server("--sink", f"s3://{bucket}", cwd=tmp_path, env=s3_env)
+    assert single.stop() == 0
+    assert "nothing replays it until fastingest starts with --processes 2" in single.text
+    assert landed_s3(s3, bucket)[0] == Counter()
+    double = Server(
+        "--sink", f"s3://{bucket}", cwd=tmp_path, env={**s3_env, "FASTINGEST_PROCESSES": "2"}
+    )
+    assert wait_until(lambda: double.text.count("listening on") == 2, timeout=30)
+    assert double.stop() == 0
+    assert landed_s3(s3, bucket)[0] == Counter([body(1, "stranded")])

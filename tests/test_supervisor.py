@@ -89,3 +89,17 @@ def test_a_killed_worker_is_restarted_and_its_spool_replayed(tmp_path, s3, bucke
     assert server.stop() == 0
     assert statuses[202] > 0
     check(s3, bucket, acked)
+
+
+def test_a_worker_that_cannot_start_stops_the_supervisor_instead_of_looping(tmp_path):
+    import fcntl
+
+    spool = tmp_path / "fastingest-data" / "spool" / "1"
+    spool.mkdir(parents=True)
+    with open(spool / "LOCK", "w") as lock:  # another process holds worker 1's spool
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        server = Server(cwd=tmp_path, env={"FASTINGEST_PROCESSES": "2"})
+        assert server.proc.wait(60) == 1
+    assert "in use by another process" in server.text
+    assert "not restarting it: stopping every worker" in server.text
+    assert "worker 0" in server.text and "drained and exited with 0" in server.text

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from fastingest import __version__
 from fastingest.config import add_arguments, resolve
@@ -44,6 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def warn_stranded(root: Path, processes: int) -> None:
+    from fastingest.spool import stranded
+
+    for path, size in stranded(root, processes):
+        logging.getLogger("fastingest").error(
+            "spool %s holds %d bytes from a run with more processes: nothing replays it "
+            "until fastingest starts with --processes %d or more",
+            path,
+            size,
+            int(path.name) + 1,
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -53,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     settings = resolve(args)
     configure_logging(settings.log_level, settings.log_format)
+    if settings.worker_index is None:
+        warn_stranded(settings.spool_root, settings.process_count)
     if settings.process_count > 1 and settings.worker_index is None:
         from fastingest.supervisor import Supervisor
 

@@ -97,7 +97,7 @@ OPTIONS: list[Option] = [
     Option(
         "--spool-dir",
         ("FASTINGEST_SPOOL_DIR",),
-        "the on-disk spool (default: <data-dir>/spool); one process per directory",
+        "the on-disk spool (default: <data-dir>/spool), one subdirectory per process",
         Path,
     ),
     Option(
@@ -277,9 +277,13 @@ class Settings:
         return self.processes or os.cpu_count() or 1
 
     @property
+    def spool_root(self) -> Path:
+        return self.spool_dir or self.data_dir / "spool"
+
+    @property
     def spool_path(self) -> Path:
-        base = self.spool_dir or self.data_dir / "spool"
-        return base if self.worker_index is None else base / str(self.worker_index)
+        """This process's spool: <spool-dir>/<worker index>, 0 for a single process."""
+        return self.spool_root / str(self.worker_index or 0)
 
     @property
     def dead_letter_path(self) -> Path:

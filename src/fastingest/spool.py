@@ -347,6 +347,23 @@ class Spool:
             self._lock_fd = -1
 
 
+def stranded(root: Path, processes: int) -> list[tuple[Path, int]]:
+    """Spools of processes beyond `processes` that still hold data: (path, bytes).
+
+    Worker i replays only <root>/<i>; after lowering --processes, these wait until
+    a start with enough processes replays them.
+    """
+    if not root.is_dir():
+        return []
+    found = []
+    for path in sorted(root.iterdir()):
+        if path.name.isdigit() and int(path.name) >= processes:
+            size = sum(p.stat().st_size for p in path.glob("seg-*.log"))
+            if size > SEGMENT_HEADER.size * len(list(path.glob("seg-*.log"))):
+                found.append((path, size))
+    return found
+
+
 def _write_and_sync(fd: int, data: bytes, good_size: int) -> None:
     """In a worker thread: append `data` and fsync; on failure cut the file back."""
     try:

@@ -25,6 +25,7 @@ log = logging.getLogger("fastingest.supervisor")
 WORKER_INDEX_ENV = "FASTINGEST_WORKER_INDEX"
 RESTART_BACKOFF = 1.0  # seconds before restarting a child that died young
 YOUNG = 5.0  # a child that dies sooner than this is restarted after RESTART_BACKOFF
+GIVE_UP_AFTER = 5  # consecutive young deaths of one worker: it cannot start, stop everything
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -58,6 +59,7 @@ class Supervisor:
         self.port = port
         self.children: dict[int, subprocess.Popen[bytes]] = {}
         self.started: dict[int, float] = {}
+        self.young_deaths: dict[int, int] = {}
         self.stopping = False
         # Shared by the workers so any of them can answer /metrics for all (see metrics.py).
         self.metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or ""
@@ -115,13 +117,27 @@ class Supervisor:
                     failed |= rc != 0
                     log.info("worker %d (pid %d) drained and exited with %d", index, child.pid, rc)
                     continue
+                young = time.monotonic() - self.started[index] < YOUNG
+                self.young_deaths[index] = self.young_deaths.get(index, 0) + 1 if young else 0
+                if self.young_deaths[index] >= GIVE_UP_AFTER:
+                    log.error(
+                        "worker %d died %d times right after starting (last: %s); "
+                        "not restarting it: stopping every worker",
+                        index,
+                        GIVE_UP_AFTER,
+                        _describe(rc),
+                    )
+                    failed = self.stopping = True
+                    for other in self.children.values():
+                        other.send_signal(signal.SIGTERM)
+                    continue
                 log.error(
                     "worker %d (pid %d) died with %s; restarting it",
                     index,
                     child.pid,
                     _describe(rc),
                 )
-                if time.monotonic() - self.started[index] < YOUNG:
+                if young:
                     time.sleep(RESTART_BACKOFF)
                 self._spawn(index)
         reserved.close()
