@@ -1,8 +1,9 @@
 """HTTP front end: authenticate, decode, validate, enqueue, answer. Nothing slower.
 
-``POST /ingest`` answers 202 once the request's payloads are in the intake
-queue, 503 + Retry-After at once when the queue is full (never a wait, never
-part of a request), and a precise 4xx with a JSON body for anything malformed.
+``POST /ingest`` answers 202 once the request's payloads are taken at the ack
+level asked for (in memory, fsynced to the spool, or stored in the sink), 503 +
+Retry-After at once when the queue or spool is full (never a wait, never part of
+a request), and a precise 4xx with a JSON body for anything malformed.
 """
 
 from __future__ import annotations
@@ -39,13 +40,10 @@ ACK_HEADER = "X-Fastingest-Ack"
 
 
 def json_response(
-    status: int, body: dict[str, object], headers: dict[str, str] | None = None, **more: str
+    status: int, body: dict[str, object], headers: dict[str, str] | None = None
 ) -> web.Response:
     return web.Response(
-        status=status,
-        body=orjson.dumps(body),
-        content_type="application/json",
-        headers={**(headers or {}), **more},
+        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
     )
 
 
@@ -112,8 +110,8 @@ async def ingest(request: web.Request) -> web.Response:
         return json_response(*await accept(request))
     cache = request.app[IDEMPOTENCY]
     if (first := cache.get(key)) is not None:
-        status, body, headers = await asyncio.shield(first)
-        return json_response(status, body, headers, **{"Idempotent-Replayed": "true"})
+        status, body = await asyncio.shield(first)
+        return json_response(status, body, {"Idempotent-Replayed": "true"})
     fut = cache.begin(key)
     answer = None
     try:
@@ -123,16 +121,16 @@ async def ingest(request: web.Request) -> web.Response:
     return json_response(*answer)
 
 
-async def accept(request: web.Request) -> tuple[int, dict[str, object], dict[str, str]]:
-    """Take one request's payloads; returns (status, body, headers) or raises BodyError."""
+async def accept(request: web.Request) -> tuple[int, dict[str, object]]:
+    """Take one request's payloads; returns (status, body) or raises BodyError."""
     pipeline, tokens = request.app[PIPELINE], request.app[TOKENS]
     settings = request.app[SETTINGS]
     limit = settings.max_body_bytes
     ack = request.headers.get(ACK_HEADER, settings.ack).lower()
     if ack not in ACK_LEVELS:
         raise BodyError(400, "bad_ack", f"{ACK_HEADER} must be one of {', '.join(ACK_LEVELS)}")
-    if not pipeline.accepting:
-        raise BodyError(503, "shutting_down", "this server is draining; retry elsewhere")
+    if not pipeline.accepting:  # before reading a body that could not be taken
+        raise _draining()
     bearer = None
     if tokens:
         auth = request.headers.get("Authorization", "")
@@ -164,12 +162,12 @@ async def accept(request: web.Request) -> tuple[int, dict[str, object], dict[str
             503, "overloaded", "the ingest queue is full; retry after a moment"
         ) from None
     except QueueClosed:
-        raise BodyError(503, "shutting_down", "this server is draining; retry elsewhere") from None
+        raise _draining() from None
     except SpoolError as exc:
         raise BodyError(503, "spool_unavailable", str(exc)) from None
     answer: dict[str, object] = {"accepted": payloads.count, "ack": ack}
     if ack == "received":
-        return 202, answer, {}
+        return 202, answer
     try:
         await pipeline.durable(ticket)
     except SpoolError as exc:
@@ -177,7 +175,11 @@ async def accept(request: web.Request) -> tuple[int, dict[str, object], dict[str
         raise BodyError(503, "spool_unavailable", str(exc)) from None
     if stored is not None and not await stored:
         answer.update(ack="durable", dead_lettered=True)
-    return 202, answer, {}
+    return 202, answer
+
+
+def _draining() -> BodyError:
+    return BodyError(503, "shutting_down", "this server is draining; retry elsewhere")
 
 
 async def healthz(request: web.Request) -> web.Response:
