@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from fastingest import metrics
@@ -82,7 +83,7 @@ class Pipeline:
         self._open_deadline = 0.0  # monotonic time the open batch must close by
         self._open_waiters = 0  # requests with ack "uploaded" whose chunk is in the open batch
         self._queued_payloads = 0  # payloads in the intake (for the metric)
-        self._handoff: list[Upload] = []  # closed, not yet in `jobs`
+        self._handoff: deque[Upload] = deque()  # closed, not yet in `jobs`
         self._in_flight: dict[int, Upload] = {}  # id -> upload being stored by a worker
         self._parts_left: dict[int, int] = {}  # per-payload mode: seq -> objects to go
         self._upload_waiters: dict[int, asyncio.Future[bool]] = {}  # seq -> ack "uploaded"
@@ -143,8 +144,9 @@ class Pipeline:
             ticket = 0
             for r in requeue:
                 await self.intake.aput(r.body)
-                ticket = self._spool_data(r.body)
-                metrics.PAYLOADS_REPLAYED.inc(r.body.count(b"\n"))
+                payloads = r.body.count(b"\n")
+                ticket = self._spool_data(r.body, payloads)
+                metrics.PAYLOADS_REPLAYED.inc(payloads)
             if requeue:
                 await self.spool.wait(ticket)
                 self.spool.stored([r.seq for r in requeue])  # the copies are durable now
@@ -177,12 +179,12 @@ class Pipeline:
         if want_upload:  # registered before the batcher can see the chunk
             stored = asyncio.get_running_loop().create_future()
             self._upload_waiters[self._next_seq] = stored
-        return self._spool_data(chunk), stored
+        return self._spool_data(chunk, payloads), stored
 
-    def _spool_data(self, chunk: bytes) -> int:
+    def _spool_data(self, chunk: bytes, payloads: int) -> int:
         seq = self._next_seq
         self._next_seq += 1
-        return self.spool.append(DATA, seq, time.time(), chunk, chunk.count(b"\n"))
+        return self.spool.append(DATA, seq, time.time(), chunk, payloads)
 
     async def durable(self, ticket: int) -> None:
         """Wait until the chunk behind `ticket` is fsynced (SpoolError if that failed)."""
@@ -262,7 +264,7 @@ class Pipeline:
             if upload.marker is not None:
                 await self._record_batch(upload)
             await self.jobs.aput(upload)
-            self._handoff.pop(0)
+            self._handoff.popleft()
 
     async def _record_batch(self, upload: Upload) -> None:
         """Make the batch's boundaries durable before its upload may begin."""
@@ -349,7 +351,7 @@ class Pipeline:
         # _store handles its own errors; this is the pool's safety net for a bug in it.
         self._give_up(upload, exc, 0)
 
-    # --- shutdown ---------------------------------------------------------------
+    # --- metrics ----------------------------------------------------------------
 
     def update_gauges(self) -> None:
         m = metrics
@@ -360,6 +362,8 @@ class Pipeline:
         m.SPOOL_SEGMENTS.set(len(self.spool.segments))
         held = m.total(m.PAYLOADS_ACCEPTED) + m.total(m.PAYLOADS_REPLAYED)
         m.PAYLOADS_HELD.set(held - m.total(m.PAYLOADS_UPLOADED) - m.total(m.PAYLOADS_DEAD))
+
+    # --- shutdown ---------------------------------------------------------------
 
     async def stop(self, timeout: float) -> None:
         """Drain everything to the sink within `timeout`, then dead-letter what is left."""
@@ -390,7 +394,7 @@ class Pipeline:
                 break
         self._close_open()
         left += self._handoff
-        self._handoff = []
+        self._handoff.clear()
         for upload in left:
             self._give_up(upload, "shutdown deadline passed before upload", 0)
         self._in_flight.clear()
