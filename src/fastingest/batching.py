@@ -34,8 +34,8 @@ def compressor(kind: str) -> Callable[[bytes], bytes]:
     if kind == "zstd":
         import zstandard
 
-        cctx_level = ZSTD_LEVEL
-        return lambda data: zstandard.ZstdCompressor(level=cctx_level).compress(data)
+        # One compressor per call: a ZstdCompressor is not safe across the seal threads.
+        return lambda data: zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
     if kind == "none":
         return bytes
     raise ValueError(f"unknown compression {kind!r}")

@@ -29,7 +29,7 @@ import os
 import secrets
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,12 +81,12 @@ class Segment:
     pending: int = 0  # records not yet stored (data chunks and batch markers)
 
 
-def read_segment(path: Path, quarantine: Path) -> tuple[int, list[Record], int]:
-    """(epoch, records, good size). A damaged tail is moved to `quarantine`."""
+def read_segment(path: Path, quarantine: Path) -> tuple[int, list[Record], int, bool]:
+    """(epoch, records, good size, damaged). A damaged tail is moved to `quarantine`."""
     data = path.read_bytes()
     if len(data) < SEGMENT_HEADER.size or data[:8] != MAGIC:
         _quarantine(path, data, 0, quarantine, "bad segment header")
-        return 0, [], 0
+        return 0, [], 0, True
     _, epoch = SEGMENT_HEADER.unpack_from(data)
     records: list[Record] = []
     pos = SEGMENT_HEADER.size
@@ -105,9 +105,9 @@ def read_segment(path: Path, quarantine: Path) -> tuple[int, list[Record], int]:
         records.append(Record(kind, seq, ts, data[pos + RECORD.size : end], epoch))
         pos = end
     else:
-        return epoch, records, pos
+        return epoch, records, pos, False
     _quarantine(path, data, pos, quarantine, reason)
-    return epoch, records, pos
+    return epoch, records, pos, True
 
 
 def _quarantine(path: Path, data: bytes, pos: int, quarantine: Path, reason: str) -> None:
@@ -172,10 +172,8 @@ class Spool:
         self.epoch = int(self._state("epoch", lambda old: str(int(old or 0) + 1)))
         records: list[Record] = []
         for path in sorted(self.root.glob("seg-*.log")):
-            before = len(list(self.quarantine.glob("*.bad"))) if self.quarantine.exists() else 0
-            epoch, found, size = read_segment(path, self.quarantine)
-            after = len(list(self.quarantine.glob("*.bad"))) if self.quarantine.exists() else 0
-            self.damaged += after - before
+            epoch, found, size, damaged = read_segment(path, self.quarantine)
+            self.damaged += damaged
             seg = Segment(path, epoch, size)
             self.segments.append(seg)
             for r in found:
@@ -185,10 +183,11 @@ class Spool:
         self._rotate()
         return records
 
-    def _state(self, name: str, update: object) -> str:
+    def _state(self, name: str, update: Callable[[str], str]) -> str:
+        """Read, update and durably rewrite a small state file of the spool."""
         path = self.root / name
         old = path.read_text().strip() if path.exists() else ""
-        new = update(old)  # type: ignore[operator]
+        new = update(old)
         if new != old:
             tmp = path.with_suffix(".tmp")
             tmp.write_text(new)
