@@ -285,7 +285,11 @@ def cases(args: argparse.Namespace) -> list[Server]:
             for a in ("received", "durable", "uploaded")
         ]
     a = args.anchors
-    servers = [fastingest("fastingest", "--ack", args.ack, sink=sink)]
+    servers = [
+        fastingest("fastingest", "--ack", args.ack, sink=sink),
+        # The same server on aiohttp's web layer: what the lean front end is worth.
+        fastingest("fastingest --http aiohttp", "--ack", args.ack, "--http", "aiohttp", sink=sink),
+    ]
     if (a / "goseed" / "goseed").exists():
         servers.append(
             Server(

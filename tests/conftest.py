@@ -11,6 +11,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+import support
 from fastingest import _queue_py
 
 try:
@@ -29,6 +30,14 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(
             "FASTINGEST_REQUIRE_EXTENSIONS=1 but fastingest._queue is not built"
         )
+
+
+@pytest.fixture(scope="module", params=["lean", "aiohttp"])
+def front(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs a server test module against both HTTP front ends (``--http``)."""
+    support.FRONT = request.param
+    yield request.param
+    support.FRONT = "lean"
 
 
 @pytest.fixture(params=IMPLS)

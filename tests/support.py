@@ -19,6 +19,7 @@ from typing import Any
 import zstandard
 
 LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)/ingest")
+FRONT = "lean"  # the HTTP front end a Server runs; conftest's `front` fixture sets it
 
 
 class Server:
@@ -29,6 +30,7 @@ class Server:
     ) -> None:
         clean = {k: v for k, v in os.environ.items() if not k.startswith(("FASTINGEST_", "MAX_"))}
         clean["FASTINGEST_PROCESSES"] = "1"  # one process unless a test asks for more
+        clean["FASTINGEST_HTTP"] = FRONT
         clean.update(env or {})
         cmd = [sys.executable, "-m", "fastingest", "serve", "--listen", "127.0.0.1:0", *args]
         self.proc = subprocess.Popen(

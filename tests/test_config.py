@@ -19,7 +19,7 @@ def settings(argv: list[str], env: dict[str, str] | None = None) -> Settings:
 def test_defaults():
     s = settings([])
     assert s.listen == ("127.0.0.1", 8000)
-    assert s.mode == "batch" and s.compression == "gzip"
+    assert s.mode == "batch" and s.compression == "zstd"
     assert s.sink_url.startswith("file://") and s.sink_url.endswith("/fastingest-data/objects")
     assert s.dead_letter_path == Path("fastingest-data/dead-letter")
 

@@ -17,7 +17,7 @@ import pytest
 
 from support import FakeS3, S3Proxy, Server, landed_s3, load, wait_until
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("front")]
 
 
 def assert_exactly_once(got: Counter[bytes], acked: list[bytes], sent: list[bytes] | None = None):

@@ -7,7 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from support import Server, wait_until
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("front")]
 
 
 def scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -12,7 +12,7 @@ import zstandard
 
 from support import Server, landed_dir, landed_s3
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("front")]
 
 
 def payload(i: int) -> dict:
@@ -102,7 +102,7 @@ def test_local_default_sink_and_batch_thresholds(tmp_path):
     assert server.stop() == 0
     root = tmp_path / "fastingest-data" / "objects"
     assert landed_dir(root) == sent
-    objects = [p for p in root.rglob("*.ndjson.gz")]
+    objects = [p for p in root.rglob("*.ndjson.zst")]
     assert len(objects) == 4  # 3 + 3 + 3 + the 1 left at shutdown
     assert not list(root.rglob(".*tmp*")), "temporary files left behind"
 
@@ -113,7 +113,7 @@ def test_batch_closes_on_age(tmp_path):
     server = Server("--batch-max-age", "0.3", cwd=tmp_path)
     assert server.post(b'{"a": 1}')[0] == 202
     root = tmp_path / "fastingest-data" / "objects"
-    assert wait_until(lambda: any(root.rglob("*.gz")), timeout=10), (
+    assert wait_until(lambda: any(root.rglob("*.ndjson.zst")), timeout=10), (
         "age threshold never closed the batch"
     )
     assert server.stop() == 0
@@ -127,7 +127,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
-def strict_server(tmp_path_factory):
+def strict_server(tmp_path_factory, front):
     cwd = tmp_path_factory.mktemp("strict")
     server = Server(
         "--auth-token", TOKEN, "--auth-token", "other", "--max-body-bytes", "2048", cwd=cwd

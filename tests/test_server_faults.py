@@ -14,7 +14,7 @@ import pytest
 
 from support import FakeS3, Server, dead_lettered, landed_s3
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("front")]
 
 FAST_RETRY = ["--upload-attempts", "3", "--retry-base-delay", "0.01"]
 

@@ -29,7 +29,18 @@ DEFAULT_RETRY_BASE = 0.2  # seconds; doubled per attempt, with full jitter
 DEFAULT_RETRY_MAX = 10.0
 DEFAULT_SPOOL_MAX_BYTES = 1024 * 1024 * 1024
 DEFAULT_IDEMPOTENCY_WINDOW = 600.0
+DEFAULT_KEEPALIVE_TIMEOUT = 75.0  # seconds an idle connection stays open (nginx's and aiohttp's)
+DEFAULT_REQUEST_TIMEOUT = 30.0  # seconds for a request's head and body to arrive
+HTTP_FRONTS = ("lean", "aiohttp")
 ACK_LEVELS = ("received", "durable", "uploaded")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: taskset and container cpusets count, not the host's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _size(text: str) -> int:
@@ -77,8 +88,28 @@ OPTIONS: list[Option] = [
         "--processes",
         ("FASTINGEST_PROCESSES",),
         "server processes sharing the port (SO_REUSEPORT), each with its own queue and spool "
-        "(default: the number of CPUs)",
+        "(default: the number of CPUs this process may use)",
         _positive(int),
+    ),
+    Option(
+        "--http",
+        ("FASTINGEST_HTTP",),
+        "HTTP front end: lean (HTTP/1.1 on the llhttp parser, fastest) or aiohttp; "
+        "both answer the same",
+        str,
+        HTTP_FRONTS,
+    ),
+    Option(
+        "--keepalive-timeout",
+        ("FASTINGEST_KEEPALIVE_TIMEOUT",),
+        "seconds an idle keep-alive connection stays open",
+        _positive(float),
+    ),
+    Option(
+        "--request-timeout",
+        ("FASTINGEST_REQUEST_TIMEOUT",),
+        "seconds a request's head and body may take to arrive before 408 (lean front end)",
+        _positive(float),
     ),
     Option(
         "--sink",
@@ -172,7 +203,7 @@ OPTIONS: list[Option] = [
         ("FASTINGEST_COMPRESSION",),
         "compression of batch objects",
         str,
-        ("gzip", "zstd", "none"),
+        ("zstd", "gzip", "none"),
     ),
     Option(
         "--max-body-bytes",
@@ -241,6 +272,9 @@ class Settings:
 
     listen: tuple[str, int] = _listen(DEFAULT_LISTEN)
     processes: int | None = None  # None: one per CPU
+    http: str = "lean"
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     sink: str | None = None
     ack: str = "durable"
     spool_dir: Path | None = None
@@ -255,7 +289,7 @@ class Settings:
     batch_max_bytes: int = DEFAULT_BATCH_MAX_BYTES
     batch_max_payloads: int = DEFAULT_BATCH_MAX_PAYLOADS
     batch_max_age: float = DEFAULT_BATCH_MAX_AGE
-    compression: str = "gzip"
+    compression: str = "zstd"
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     auth_token: tuple[str, ...] = ()
     auth_token_file: Path | None = None
@@ -274,7 +308,7 @@ class Settings:
 
     @property
     def process_count(self) -> int:
-        return self.processes or os.cpu_count() or 1
+        return self.processes or usable_cpus()
 
     @property
     def spool_root(self) -> Path:

@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 
 MAX_KEYS = 100_000
-Answer = tuple[int, dict[str, object]]  # status, body
+Answer = tuple[int, bytes]  # status, JSON body
 
 
 class IdempotencyCache:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import time
 from collections import deque
@@ -38,7 +37,7 @@ from fastingest.batching import (
     compressor,
     per_payload,
 )
-from fastingest.config import Settings
+from fastingest.config import Settings, usable_cpus
 from fastingest.deadletter import DeadLetter
 from fastingest.errors import QueueClosed
 from fastingest.pool import WorkerPool
@@ -67,7 +66,7 @@ class Pipeline:
         self.jobs: RingQueue[Upload] = RingQueue(min(settings.max_workers, JOBS_WAITING))
         # Compression runs here, one thread per CPU: zlib drops the GIL, and a bounded
         # pool bounds how many uncompressed copies exist at once.
-        self._sealer = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="fastingest-seal")
+        self._sealer = ThreadPoolExecutor(usable_cpus(), thread_name_prefix="fastingest-seal")
         self.pool: WorkerPool[Upload] = WorkerPool(
             settings.max_workers,
             self._store,

@@ -1,0 +1,240 @@
+"""What each endpoint answers, whichever HTTP layer carried the request.
+
+Both front ends (``protocol.py`` on llhttp, ``webapp.py`` on aiohttp) route here,
+so a request gets the same answer, byte for byte, from either. Headers arrive as a
+mapping looked up by lower-case name; bodies arrive whole.
+
+``POST /ingest`` answers 202 once the request's payloads are taken at the ack
+level asked for (in memory, fsynced to the spool, or stored in the sink), 503 +
+Retry-After at once when the queue or spool is full (never a wait), and a precise
+4xx with a JSON body for anything malformed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Awaitable, Coroutine, Mapping
+from typing import Any, NamedTuple
+
+import orjson
+
+from fastingest import metrics
+from fastingest.bodies import BodyError, decompress, parse
+from fastingest.config import ACK_LEVELS, Settings
+from fastingest.errors import QueueClosed, QueueFull
+from fastingest.idempotency import IdempotencyCache
+from fastingest.pipeline import Pipeline
+from fastingest.sinks import SinkError
+from fastingest.spool import SpoolError
+
+Headers = Mapping[str, str]  # looked up by lower-case name
+JSON = "application/json"
+RETRY_AFTER_SECONDS = "1"
+ACK_HEADER = "X-Fastingest-Ack"
+INGEST_PATH = "/ingest"
+
+
+class Answer(NamedTuple):
+    status: int
+    body: bytes
+    content_type: str = JSON
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def json_answer(status: int, body: dict[str, Any], *headers: tuple[str, str]) -> Answer:
+    return Answer(status, orjson.dumps(body), JSON, headers)
+
+
+def error(status: int, code: str, detail: str, *headers: tuple[str, str]) -> Answer:
+    metrics.ERRORS.labels(code).inc()
+    return json_answer(status, {"error": code, "detail": detail}, *headers)
+
+
+def refusal(exc: BodyError) -> Answer:
+    """A refused request as an answer, with the header its status calls for."""
+    metrics.ERRORS.labels(exc.error).inc()
+    headers: tuple[tuple[str, str], ...] = ()
+    if exc.status == 503:
+        headers = (("Retry-After", RETRY_AFTER_SECONDS),)
+    elif exc.status == 401:
+        headers = (("WWW-Authenticate", 'Bearer realm="fastingest"'),)
+    return json_answer(exc.status, exc.body(), *headers)
+
+
+def not_found(method: str, path: str) -> Answer:
+    return error(404, "not_found", f"{method} {path}: Not Found")
+
+
+def not_allowed(method: str, path: str, allow: str) -> Answer:
+    detail = f"{method} {path}: Method Not Allowed"
+    return error(405, "method_not_allowed", detail, ("Allow", allow))
+
+
+def too_large(detail: str) -> Answer:
+    return error(413, "body_too_large", detail)
+
+
+def draining() -> BodyError:
+    return BodyError(503, "shutting_down", "this server is draining; retry elsewhere")
+
+
+def media_type(content_type: str | None) -> str:
+    """``application/json; charset=utf-8`` -> ``application/json``."""
+    return (content_type or "").partition(";")[0].strip().lower()
+
+
+def _authorized(candidate: str | None, tokens: list[bytes]) -> bool:
+    if not candidate:
+        return False
+    given = candidate.encode()
+    ok = False
+    for token in tokens:  # no early exit: time does not depend on which token matched
+        ok |= hmac.compare_digest(given, token)
+    return ok
+
+
+class Endpoints:
+    """The answers of ``/ingest``, ``/healthz``, ``/readyz`` and ``/metrics``."""
+
+    def __init__(self, settings: Settings, pipeline: Pipeline, stopping: asyncio.Event) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.stopping = stopping
+        self.tokens = [t.encode() for t in settings.tokens()]
+        self.idempotency = IdempotencyCache(settings.idempotency_window)
+        self.max_body_bytes = settings.max_body_bytes
+
+    # --- POST /ingest -----------------------------------------------------------
+
+    def check(self, headers: Headers, content_length: int | None) -> str:
+        """Refuse what can be refused before the body is read; returns the ack level."""
+        ack = (headers.get("x-fastingest-ack") or self.settings.ack).lower()
+        if ack not in ACK_LEVELS:
+            raise BodyError(400, "bad_ack", f"{ACK_HEADER} must be one of {', '.join(ACK_LEVELS)}")
+        if not self.pipeline.accepting:
+            raise draining()
+        if self.tokens and (auth := headers.get("authorization")):
+            scheme, _, bearer = auth.partition(" ")
+            if scheme.lower() != "bearer" or not _authorized(bearer.strip(), self.tokens):
+                raise BodyError(401, "unauthorized", "bad bearer token")
+        limit = self.max_body_bytes
+        if content_length is not None and content_length > limit:
+            detail = f"body of {content_length} bytes is over {limit}"
+            raise BodyError(413, "body_too_large", detail)
+        return ack
+
+    def ingest(
+        self, headers: Headers, body: bytes, ack: str
+    ) -> Answer | Coroutine[Any, Any, Answer]:
+        """Take a checked request's body: an answer now, or one to await (ack level, replay)."""
+        if key := headers.get("idempotency-key"):
+            return self._idempotent(key, headers, body, ack)
+        return self._ingest(headers, body, ack)
+
+    def _ingest(
+        self, headers: Headers, body: bytes, ack: str
+    ) -> Answer | Coroutine[Any, Any, Answer]:
+        try:
+            count, later = self._take(headers, body, ack)
+        except BodyError as exc:
+            return refusal(exc)
+        if later is None:
+            return _accepted(count, ack)
+        return self._settle(count, ack, later)
+
+    def _take(
+        self, headers: Headers, raw: bytes, ack: str
+    ) -> tuple[int, Awaitable[bool | None] | None]:
+        """Queue the body's payloads; returns their count and, unless ack is received, the wait."""
+        metrics.BYTES_IN.inc(len(raw))
+        limit = self.max_body_bytes
+        body = decompress(raw, headers.get("content-encoding", ""), limit)
+        payloads = parse(body, media_type(headers.get("content-type")))
+        if self.tokens and not headers.get("authorization"):
+            if not _authorized(payloads.token, self.tokens):
+                raise BodyError(
+                    401,
+                    "unauthorized",
+                    "send Authorization: Bearer <token> or the collection's token field",
+                )
+        try:
+            ticket, stored = self.pipeline.submit(
+                payloads.chunk, payloads.count, want_upload=ack == "uploaded"
+            )
+        except QueueFull:
+            raise BodyError(
+                503, "overloaded", "the ingest queue is full; retry after a moment"
+            ) from None
+        except QueueClosed:
+            raise draining() from None
+        except SpoolError as exc:
+            raise BodyError(503, "spool_unavailable", str(exc)) from None
+        if ack == "received":
+            return payloads.count, None
+        return payloads.count, self._stored(ticket, stored)
+
+    async def _stored(self, ticket: int, stored: asyncio.Future[bool] | None) -> bool | None:
+        """Wait for the ack level: True stored, False dead-lettered, None durable only."""
+        try:
+            await self.pipeline.durable(ticket)
+        except SpoolError as exc:
+            # Already in the memory queue, so it may still be delivered: at least once, not lost.
+            raise BodyError(503, "spool_unavailable", str(exc)) from None
+        return None if stored is None else await stored
+
+    async def _settle(self, count: int, ack: str, later: Awaitable[bool | None]) -> Answer:
+        try:
+            if await later is False:
+                body = {"accepted": count, "ack": "durable", "dead_lettered": True}
+                return json_answer(202, body)
+        except BodyError as exc:
+            return refusal(exc)
+        return _accepted(count, ack)
+
+    async def _idempotent(self, key: str, headers: Headers, body: bytes, ack: str) -> Answer:
+        cache = self.idempotency
+        if (first := cache.get(key)) is not None:
+            status, raw = await asyncio.shield(first)
+            return Answer(status, raw, JSON, (("Idempotent-Replayed", "true"),))
+        fut = cache.begin(key)
+        answer: Answer | None = None
+        try:
+            pending = self._ingest(headers, body, ack)
+            answer = pending if isinstance(pending, Answer) else await pending
+        finally:
+            cache.finish(key, fut, None if answer is None else (answer.status, answer.body))
+        return answer
+
+    # --- GET /healthz, /readyz, /metrics ------------------------------------------
+
+    def health(self) -> Answer:
+        return json_answer(200, {"status": "ok"})
+
+    async def readiness(self) -> Answer:
+        pipeline = self.pipeline
+        if self.stopping.is_set() or not pipeline.accepting:
+            return error(503, "draining", "shutting down: not taking new requests")
+        try:
+            await pipeline.sink.check()
+        except SinkError as exc:
+            return error(503, "sink_unreachable", str(exc))
+        return json_answer(200, {"status": "ready", "queued_requests": pipeline.intake.qsize()})
+
+    def metrics(self) -> Answer:
+        self.pipeline.update_gauges()
+        body, content_type = metrics.exposition()
+        return Answer(200, body, content_type)
+
+
+_ACCEPTED: dict[tuple[int, str], Answer] = {}
+
+
+def _accepted(count: int, ack: str) -> Answer:
+    # The same few answers every time (1 or 10 payloads, one ack level): render each once.
+    answer = _ACCEPTED.get((count, ack))
+    if answer is None:
+        answer = json_answer(202, {"accepted": count, "ack": ack})
+        if len(_ACCEPTED) < 1024:
+            _ACCEPTED[(count, ack)] = answer
+    return answer
