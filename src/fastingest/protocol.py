@@ -104,6 +104,7 @@ class LeanFront:
         self._server: asyncio.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._counters: dict[tuple[str, int], Any] = {}
+        self._outbox: list[Connection] = []
 
     async def start(self, host: str, port: int, *, reuse_port: bool) -> int:
         """Listen (OSError if the address is taken); returns the bound port."""
@@ -132,6 +133,22 @@ class LeanFront:
             self._ticker.cancel()
         if self._server is not None:
             await self._server.wait_closed()
+
+    def outbox(self, conn: Connection) -> None:
+        """Write `conn`'s answers at the end of this loop turn, with everyone else's.
+
+        One burst of writes per turn, not one write per answer as it is made: on a
+        VM the wake-up of an idle reader costs more than the write itself, and a
+        burst pays it once. Pipelined answers leave in a single write.
+        """
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._send_all)
+        self._outbox.append(conn)
+
+    def _send_all(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        for conn in outbox:
+            conn.send_now()
 
     def count(self, route: str, status: int) -> None:
         counter = self._counters.get((route, status))
@@ -165,6 +182,8 @@ class Connection(asyncio.Protocol):
         self.deadline = 0.0  # idle: keep-alive timeout; mid-request: request timeout
         self._paused: set[str] = set()  # why reading is paused: "pipeline", "writing"
         self._done = False  # refused or failed: parse nothing more
+        self._closing = False  # close once what is queued in _out is written
+        self._out: list[bytes] = []  # answers for this loop turn's write
         self._in_head = True  # before a request's headers are complete
         self._head_bytes = 0  # received while the head was incomplete: bounds llhttp's buffer
         self._mid_request = False  # between a request's first byte and its end
@@ -280,8 +299,8 @@ class Connection(asyncio.Protocol):
                 raise _Refuse(error(417, "expectation_failed", detail))
             if self._refused is not None:
                 raise _Refuse(self._refused)
-            if self.parser.get_http_version() == "1.1" and self.transport is not None:
-                self.transport.write(CONTINUE)
+            if self.parser.get_http_version() == "1.1":
+                self._send(CONTINUE)
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
@@ -343,8 +362,8 @@ class Connection(asyncio.Protocol):
         while answers and (answer := answers[0].answer) is not None:
             slot = answers.popleft()
             self._write(answer, slot.route, slot.keep_alive, slot.head)
-            if self.transport is None or self.transport.is_closing():
-                answers.clear()  # "Connection: close" went out: nothing may follow it
+            if self._closing:
+                answers.clear()  # "Connection: close" is on its way: nothing may follow it
                 return
         if len(answers) < MAX_PIPELINED // 2:
             self._resume("pipeline")
@@ -352,8 +371,7 @@ class Connection(asyncio.Protocol):
     def _write(self, answer: Answer, route: str, keep_alive: bool, head: bool) -> None:
         front = self.front
         front.count(route, answer.status)
-        transport = self.transport
-        if transport is None:  # the client left; what it sent was still taken
+        if self.transport is None:  # the client left; what it sent was still taken
             return
         keep_alive = keep_alive and not front.draining
         body = answer.body
@@ -373,9 +391,23 @@ class Connection(asyncio.Protocol):
         parts.append(b"\r\n")
         if not head:
             parts.append(body)
-        transport.write(b"".join(parts))
+        self._send(b"".join(parts))
         if not keep_alive:
             self._close()
+
+    def _send(self, data: bytes) -> None:
+        if not self._out:
+            self.front.outbox(self)
+        self._out.append(data)
+
+    def send_now(self) -> None:
+        """Called by the front once per loop turn: one write for everything queued."""
+        out, self._out = self._out, []
+        if self.transport is None:
+            return
+        self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if self._closing:
+            self.transport.close()
 
     # --- ending -------------------------------------------------------------------------
 
@@ -396,8 +428,8 @@ class Connection(asyncio.Protocol):
         self._flush()
 
     def _close(self) -> None:
-        self._done = True
-        if self.transport is not None:
+        self._done = self._closing = True
+        if self.transport is not None and not self._out:  # else send_now() closes
             self.transport.close()
 
     def close_if_idle(self) -> None:
