@@ -21,8 +21,11 @@ dead-letters all of it instead of dropping it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import random
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +53,14 @@ log = logging.getLogger("fastingest.pipeline")
 DRAIN_CHUNKS = 1024  # chunks the batcher takes from the intake per round
 JOBS_WAITING = 4  # closed batches queued for the upload workers
 SEAL_IN_THREAD_BYTES = 64 * 1024  # smaller bodies compress faster than a thread hop
+SEAL_NICE = 10  # added niceness of the compression threads
 MARKER_RETRY = 0.5  # seconds between tries to record a closing batch on a failing disk
+
+
+def _lower_priority() -> None:
+    """Nice the calling thread (Linux schedules threads one by one); elsewhere do nothing."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SEAL_NICE)
 
 
 class Pipeline:
@@ -65,8 +75,11 @@ class Pipeline:
         # hold memory (each is up to --batch-max-bytes) while the sink is slow.
         self.jobs: RingQueue[Upload] = RingQueue(min(settings.max_workers, JOBS_WAITING))
         # Compression runs here, one thread per CPU: zlib drops the GIL, and a bounded
-        # pool bounds how many uncompressed copies exist at once.
-        self._sealer = ThreadPoolExecutor(usable_cpus(), thread_name_prefix="fastingest-seal")
+        # pool bounds how many uncompressed copies exist at once. At a lower priority, so a
+        # 4 MiB batch being compressed does not take time slices from the event loop.
+        self._sealer = ThreadPoolExecutor(
+            usable_cpus(), thread_name_prefix="fastingest-seal", initializer=_lower_priority
+        )
         self.pool: WorkerPool[Upload] = WorkerPool(
             settings.max_workers,
             self._store,
@@ -334,6 +347,9 @@ class Pipeline:
 
     def _done(self, upload: Upload, uploaded: bool) -> None:
         """`upload` is stored (sink or dead letter): free its spool records, answer waiters."""
+        if not self._parts_left and not self._upload_waiters:  # nothing to settle per seq
+            self.spool.stored(upload.seqs, marker=upload.marker)
+            return
         finished = []
         for seq in upload.seqs:
             left = self._parts_left.get(seq)
