@@ -51,6 +51,7 @@ MAX_HEADERS = 100
 MAX_URL_BYTES = 8 * 1024
 MAX_PIPELINED = 32  # answers waiting to be written before the connection stops reading
 TICK_SECONDS = 1.0  # how often the Date header and the timeouts are refreshed
+RENDERED_PER_TICK = 64  # distinct answers kept rendered until the Date changes
 
 ROUTES: dict[str, tuple[str, ...]] = {
     INGEST_PATH: ("POST",),
@@ -105,6 +106,7 @@ class LeanFront:
         self._ticker: asyncio.Task[None] | None = None
         self._counters: dict[tuple[str, int], Any] = {}
         self._outbox: list[Connection] = []
+        self._rendered: dict[tuple[Answer, bool, bool], bytes] = {}
 
     async def start(self, host: str, port: int, *, reuse_port: bool) -> int:
         """Listen (OSError if the address is taken); returns the bound port."""
@@ -156,8 +158,37 @@ class LeanFront:
             counter = self._counters[(route, status)] = metrics.REQUESTS.labels(route, str(status))
         counter.inc()
 
+    def render(self, answer: Answer, keep_alive: bool, head: bool) -> bytes:
+        """The answer's bytes on the wire; the few common ones are rendered once per tick."""
+        key = (answer, keep_alive, head)
+        data = self._rendered.get(key)
+        if data is not None:
+            return data
+        body = answer.body
+        parts = [
+            STATUS_LINES[answer.status],
+            b"Content-Type: ",
+            answer.content_type.encode(),
+            b"\r\nContent-Length: ",
+            str(len(body)).encode(),
+            b"\r\n",
+            self.date,
+        ]
+        for name, value in answer.headers:
+            parts += (name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n")
+        if not keep_alive:
+            parts.append(b"Connection: close\r\n")
+        parts.append(b"\r\n")
+        if not head:
+            parts.append(body)
+        data = b"".join(parts)
+        if len(self._rendered) < RENDERED_PER_TICK:
+            self._rendered[key] = data
+        return data
+
     def _stamp(self) -> None:
         self.date = b"Date: " + email.utils.formatdate(usegmt=True).encode() + b"\r\n"
+        self._rendered.clear()  # they carry the old Date
 
     async def _tick(self) -> None:
         loop = asyncio.get_running_loop()
@@ -374,24 +405,7 @@ class Connection(asyncio.Protocol):
         if self.transport is None:  # the client left; what it sent was still taken
             return
         keep_alive = keep_alive and not front.draining
-        body = answer.body
-        parts = [
-            STATUS_LINES[answer.status],
-            b"Content-Type: ",
-            answer.content_type.encode(),
-            b"\r\nContent-Length: ",
-            str(len(body)).encode(),
-            b"\r\n",
-            front.date,
-        ]
-        for name, value in answer.headers:
-            parts += (name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n")
-        if not keep_alive:
-            parts.append(b"Connection: close\r\n")
-        parts.append(b"\r\n")
-        if not head:
-            parts.append(body)
-        self._send(b"".join(parts))
+        self._send(front.render(answer, keep_alive, head))
         if not keep_alive:
             self._close()
 
