@@ -180,6 +180,16 @@ BAD = [
     ),
     ("empty data", "POST", "/ingest", b'{"data":[]}', "application/json", {}, 422, "no_payloads"),
     (
+        "integer beyond 64 bits in a collection",  # orjson would make it a float
+        "POST",
+        "/ingest",
+        b'{"data":[{"n": 18446744073709551616}]}',
+        "application/json",
+        {},
+        400,
+        "integer_out_of_range",
+    ),
+    (
         "ndjson array line",
         "POST",
         "/ingest",
@@ -294,6 +304,17 @@ def test_auth(strict_server, headers, body, status):
     if status == 401:
         assert answer["error"] == "unauthorized"
         assert resp_headers["www-authenticate"].startswith("Bearer")
+
+
+def test_64_bit_integers_land_exactly_and_bigger_ones_as_sent_or_not_at_all(tmp_path):
+    server = Server(cwd=tmp_path)
+    edge = b'{"max":18446744073709551615,"min":-9223372036854775808,"id":"12345678901234567890123"}'
+    big = b'{"n": 123456789012345678901234567890}'
+    assert server.post(b'{"data":[' + edge + b"]}")[0] == 202  # re-serialised, still exact
+    assert server.post(big)[0] == 202  # one object on one line: stored as sent
+    assert server.post(b"[" + big + b"]")[2]["error"] == "integer_out_of_range"
+    assert server.stop() == 0
+    assert landed_dir(tmp_path / "fastingest-data" / "objects") == Counter({edge: 1, big: 1})
 
 
 def test_bad_requests_queue_nothing(tmp_path):

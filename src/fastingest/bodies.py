@@ -6,17 +6,22 @@ queue holds and the batcher appends.
 
 What is stored byte-for-byte: a single-object body (if it fits on one line) and
 every NDJSON line. Payloads parsed out of an array or a collection are
-re-serialised compactly by orjson: same values, not necessarily the same bytes.
+re-serialised compactly by orjson: same values, not necessarily the same bytes. So
+a re-serialised payload may not hold an integer orjson cannot keep (beyond 64 bits).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+# An integer of 19 or more digits may lie outside [-2**63, 2**64), which orjson reads as a float.
+LONG_DIGITS = re.compile(rb"\d{19,}")
 JSON_TYPES = frozenset({"application/json"})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
 
@@ -132,21 +137,43 @@ def _parse_json(body: bytes) -> Payloads:
                     f"'data' must be an array of payload objects, not {_json_type(data)}",
                 )
             token = doc.get("token")
-            return Payloads(*_join(data, "data"), token if isinstance(token, str) else None)
+            return Payloads(*_join(data, "data", body), token if isinstance(token, str) else None)
         raw = body.strip()
         if b"\n" in raw or b"\r" in raw:  # NDJSON needs one line per payload
+            _check_integers(body)
             raw = orjson.dumps(doc)
         return Payloads(raw + b"\n", 1)
     if type(doc) is list:
-        return Payloads(*_join(doc, "array"))
+        return Payloads(*_join(doc, "array", body))
     raise BodyError(
         422, "invalid_payload", f"a payload must be a JSON object, not {_json_type(doc)}"
     )
 
 
-def _join(items: list[Any], field: str) -> tuple[bytes, int]:
+def _int64(text: str) -> int:
+    if len(text) <= 20:  # longer is out of range (and int() refuses 4,300+ digits)
+        value = int(text)
+        if -(2**63) <= value < 2**64:
+            return value
+    raise BodyError(
+        400,
+        "integer_out_of_range",
+        f"integer {text[:40]} is beyond 64 bits: this payload is re-serialised (it is "
+        "in an array or a collection, or spans several lines) and the integer would come "
+        "out as a float; send it as a string, or the payload on one line or as NDJSON",
+    )
+
+
+def _check_integers(body: bytes) -> None:
+    """Refuse an integer orjson would have turned into a float; only long digit runs pay."""
+    if LONG_DIGITS.search(body) is not None:
+        json.loads(body, parse_int=_int64)  # exact integers; the body is already valid JSON
+
+
+def _join(items: list[Any], field: str, body: bytes) -> tuple[bytes, int]:
     if not items:
         raise BodyError(422, "no_payloads", f"{field} holds no payloads")
+    _check_integers(body)
     dumps = orjson.dumps
     parts = []
     for i, item in enumerate(items):
