@@ -16,10 +16,11 @@ RUN pip install --no-cache-dir build==1.2.2.post1 \
 FROM python:3.11-slim-bookworm AS runtime
 RUN useradd --system --uid 10001 --create-home --home-dir /var/lib/fastingest fastingest
 COPY --from=build /dist/ /tmp/dist/
-# The version pins the wheel just built (keep it equal to pyproject.toml's).
+# The version pins the wheel just built (keep it equal to pyproject.toml's); the
+# dependencies are pinned to the versions the benchmarks ran with.
 ARG VERSION=0.1.0
 RUN pip install --no-cache-dir --find-links /tmp/dist \
-        "fastingest==${VERSION}" uvloop==0.23.0 zstandard==0.25.0 \
+        "fastingest==${VERSION}" httptools==0.9.0 uvloop==0.23.0 zstandard==0.25.0 \
     && rm -rf /tmp/dist
 USER 10001
 WORKDIR /var/lib/fastingest

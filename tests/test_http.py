@@ -128,6 +128,23 @@ def test_pipelined_requests_are_answered_in_order(server):
     sock.close()
 
 
+def test_a_deep_pipeline_pauses_reading_and_answers_everything_in_order(server):
+    """More requests in flight than the protocol holds answers for (MAX_PIPELINED = 32)."""
+    sock, reader = connect(server)
+    payloads = [{"deep": i} for i in range(100)]
+    acks = ("durable", "received")
+    sock.sendall(
+        b"".join(
+            post(body_of(p), f"X-Fastingest-Ack: {acks[i % 2]}") for i, p in enumerate(payloads)
+        )
+    )
+    for i in range(len(payloads)):
+        status, _, answer = read_answer(reader)
+        assert (status, json.loads(answer)["ack"]) == (202, acks[i % 2]), i
+    acked(*payloads)
+    sock.close()
+
+
 def test_chunked_body_in_pieces(server):
     sock, reader = connect(server)
     payloads = [{"chunked": i, "pad": "x" * 300} for i in range(3)]
