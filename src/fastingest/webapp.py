@@ -13,7 +13,16 @@ from aiohttp import web
 
 from fastingest import metrics
 from fastingest.bodies import BodyError
-from fastingest.endpoints import INGEST_PATH, Answer, Endpoints, error, refusal, too_large
+from fastingest.endpoints import (
+    INGEST_PATH,
+    Answer,
+    Endpoints,
+    error,
+    not_allowed,
+    not_found,
+    refusal,
+    too_large,
+)
 
 log = logging.getLogger("fastingest.webapp")
 
@@ -48,11 +57,15 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def _http_error(request: web.Request, exc: web.HTTPException) -> Answer:
+    """aiohttp's own refusals, as the lean front end words them."""
     if exc.status == 413:
         return too_large(exc.text or "body too large")
-    headers = tuple((k, v) for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after"))
+    if exc.status == 404:
+        return not_found(request.method, request.path)
+    if exc.status == 405:
+        return not_allowed(request.method, request.path, exc.headers.get("Allow", ""))
     code = exc.reason.lower().replace(" ", "_")
-    return error(exc.status, code, f"{request.method} {request.path}: {exc.reason}", *headers)
+    return error(exc.status, code, f"{request.method} {request.path}: {exc.reason}")
 
 
 async def ingest(request: web.Request) -> web.Response:
