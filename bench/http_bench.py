@@ -277,6 +277,11 @@ def fastingest(name: str, *extra: str, sink: str = "file") -> Server:
     return Server(name, [sys.executable, "-m", "fastingest", "serve", *extra], sink=sink)
 
 
+def reference(name: str, *cmd: str) -> Server:
+    """A reference server from the anchors folder: serves on /, stores nothing we count."""
+    return Server(name, list(cmd), path="/", sink="null", counts_landed=False)
+
+
 def cases(args: argparse.Namespace) -> list[Server]:
     sink = args.sink
     if args.case == "ack":
@@ -291,39 +296,15 @@ def cases(args: argparse.Namespace) -> list[Server]:
         fastingest("fastingest --http aiohttp", "--ack", args.ack, "--http", "aiohttp", sink=sink),
     ]
     if (a / "goseed" / "goseed").exists():
-        servers.append(
-            Server(
-                "goseed null",
-                [str(a / "goseed" / "goseed")],
-                path="/",
-                sink="null",
-                counts_landed=False,
-            )
-        )
+        servers.append(reference("goseed null", str(a / "goseed" / "goseed")))
         servers.append(
             Server(f"goseed {sink}", [str(a / "goseed" / "goseed")], path="/", sink=sink)
         )
     else:
         say(f"skipping goseed: build it with {a}/goseed/build.sh")
-    servers.append(
-        Server(
-            "pynaive null",
-            [sys.executable, str(a / "pynaive" / "server.py")],
-            path="/",
-            sink="null",
-            counts_landed=False,
-        )
-    )
+    servers.append(reference("pynaive null", sys.executable, str(a / "pynaive" / "server.py")))
     if shutil.which("nginx"):
-        servers.append(
-            Server(
-                "nginx 204 (HTTP limit)",
-                [str(a / "limit" / "run_nginx.sh")],
-                path="/",
-                sink="null",
-                counts_landed=False,
-            )
-        )
+        servers.append(reference("nginx 204 (HTTP limit)", str(a / "limit" / "run_nginx.sh")))
     return servers
 
 

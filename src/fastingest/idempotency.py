@@ -13,14 +13,14 @@ import time
 from collections import OrderedDict
 
 MAX_KEYS = 100_000
-Answer = tuple[int, bytes]  # status, JSON body
+Remembered = tuple[int, bytes]  # an answer's status and JSON body
 
 
 class IdempotencyCache:
     def __init__(self, window: float, max_keys: int = MAX_KEYS) -> None:
         self.window = window
         self.max_keys = max_keys
-        self._entries: OrderedDict[str, tuple[float, asyncio.Future[Answer]]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, asyncio.Future[Remembered]]] = OrderedDict()
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -30,17 +30,17 @@ class IdempotencyCache:
                 break
             del self._entries[key]
 
-    def get(self, key: str) -> asyncio.Future[Answer] | None:
+    def get(self, key: str) -> asyncio.Future[Remembered] | None:
         self._expire()
         entry = self._entries.get(key)
         return entry[1] if entry else None
 
-    def begin(self, key: str) -> asyncio.Future[Answer]:
-        fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+    def begin(self, key: str) -> asyncio.Future[Remembered]:
+        fut: asyncio.Future[Remembered] = asyncio.get_running_loop().create_future()
         self._entries[key] = (time.monotonic() + self.window, fut)
         return fut
 
-    def finish(self, key: str, fut: asyncio.Future[Answer], answer: Answer | None) -> None:
+    def finish(self, key: str, fut: asyncio.Future[Remembered], answer: Remembered | None) -> None:
         """Remember a 2xx `answer`; forget the key otherwise (None: the attempt failed)."""
         if answer is not None and 200 <= answer[0] < 300:
             fut.set_result(answer)

@@ -306,28 +306,28 @@ class Spool:
         """Chunks `seqs` (and the batch marker keyed by `marker`) are stored; free segments."""
         touched: set[int] = set()
         firsts = [first for first, _ in self._by_seq]
-        seg, low, high = None, 0, -1  # the segment of the previous seq and its seq bounds
+        # The segment of the previous seq and its seq bounds; empty bounds: look the next one up.
+        seg, low, high = self.segments[-1], 0, -1
         for seq in seqs:
             # A batch's seqs are consecutive: find a segment once per run, not once per seq
             # (this runs on the event loop, for up to --batch-max-payloads seqs at a time).
             if not low <= seq <= high:
                 i = bisect.bisect_right(firsts, seq) - 1
-                seg = self._by_seq[i][1] if i >= 0 else None
-                if seg is None or seq > seg.seqs[-1]:
+                if i < 0 or seq > self._by_seq[i][1].seqs[-1]:
                     self._early.add((DATA, seq))  # its record is still in the write buffer
-                    seg, low, high = None, 0, -1
+                    low, high = 0, -1
                     continue
+                seg = self._by_seq[i][1]
                 low, high = firsts[i], seg.seqs[-1]
                 touched.add(id(seg))
-            assert seg is not None
             seg.pending -= 1
         if marker is not None:
-            seg = self._marks.pop(marker, None)
-            if seg is None:
+            holder = self._marks.pop(marker, None)
+            if holder is None:
                 self._early.add((BATCH, marker))
             else:
-                seg.pending -= 1
-                touched.add(id(seg))
+                holder.pending -= 1
+                touched.add(id(holder))
         active = self.segments[-1]
         for seg in [s for s in self.segments if id(s) in touched]:
             if seg.pending <= 0 and seg is not active:
