@@ -1,7 +1,7 @@
-"""Declares the compiled queue core; everything else lives in pyproject.toml.
+"""Declares the compiled cores; everything else lives in pyproject.toml.
 
 FASTINGEST_NO_EXTENSIONS=1 at build time skips the compiler and ships only the
-pure-Python twin (``fastingest._queue_py``).
+pure-Python twins (``fastingest._queue_py``, ``fastingest._split_py``).
 """
 
 import os
@@ -19,7 +19,12 @@ if os.environ.get("FASTINGEST_NO_EXTENSIONS", "") in ("", "0"):
                 ["src/fastingest/_queue.pyx"],
                 include_dirs=["src/fastingest"],  # _await.h
                 extra_compile_args=["-O2"],
-            )
+            ),
+            Extension(
+                "fastingest._split",
+                ["src/fastingest/_split.pyx"],
+                extra_compile_args=["-O2"],
+            ),
         ],
         compiler_directives={"language_level": "3", "embedsignature": True},
     )

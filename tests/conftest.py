@@ -16,8 +16,9 @@ from fastingest import _queue_py
 
 try:
     from fastingest import _queue as _queue_c
+    from fastingest import _split as _split_c
 except ImportError:  # pragma: no cover - only without a compiler
-    _queue_c = None
+    _queue_c = _split_c = None
 
 IMPLS = [pytest.param(_queue_py.RingQueue, id="py")]
 if _queue_c is not None:
@@ -28,7 +29,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # CI must test the compiled core; a silent fallback to the twin would hide a broken build.
     if os.environ.get("FASTINGEST_REQUIRE_EXTENSIONS") == "1" and _queue_c is None:
         raise pytest.UsageError(
-            "FASTINGEST_REQUIRE_EXTENSIONS=1 but fastingest._queue is not built"
+            "FASTINGEST_REQUIRE_EXTENSIONS=1 but fastingest._queue or _split is not built"
         )
 
 

@@ -25,16 +25,26 @@ def test_selector_uses_the_compiled_core_when_built():
         import fastingest._queue as compiled
     except ImportError:
         pytest.skip("extension not built (pure-Python install)")
+    from fastingest import _split as split_c
+    from fastingest import split
+
     assert fastingest.USE_EXTENSIONS
     assert fastingest.RingQueue is compiled.RingQueue
-    assert compiled.__file__.endswith(".so") or compiled.__file__.endswith(".pyd")
+    assert split.split_payloads is split_c.split_payloads
+    for module in (compiled, split_c):
+        assert module.__file__.endswith((".so", ".pyd"))
 
 
-def test_no_extensions_env_selects_the_twin():
-    code = "import fastingest; print(fastingest.RingQueue.__module__, fastingest.USE_EXTENSIONS)"
+def test_no_extensions_env_selects_the_twins():
+    code = (
+        "import fastingest, fastingest.split as s; "
+        "print(fastingest.RingQueue.__module__, s.split_payloads.__module__, "
+        "fastingest.USE_EXTENSIONS)"
+    )
     env = {**os.environ, "FASTINGEST_NO_EXTENSIONS": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.stdout.split() == ["fastingest._queue_py", "False"], out.stderr
+    twins = ["fastingest._queue_py", "fastingest._split_py", "False"]
+    assert out.stdout.split() == twins, out.stderr
 
 
 @pytest.mark.slow
@@ -52,6 +62,7 @@ def test_wheel_installs_into_a_fresh_venv_with_the_compiled_module(tmp_path):
             "*.egg-info",
             "*.so",
             "_queue.c",
+            "_split.c",
             "__pycache__",
             ".hypothesis",
             ".pytest_cache",
@@ -78,8 +89,10 @@ def test_wheel_installs_into_a_fresh_venv_with_the_compiled_module(tmp_path):
     )
     (wheel,) = dist.glob("fastingest-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert any(n.startswith("fastingest/_queue.") and n.endswith(".so") for n in names), names
-    assert "fastingest/_queue.pyi" in names and "fastingest/py.typed" in names
+    for core in ("_queue", "_split"):
+        assert any(n.startswith(f"fastingest/{core}.") and n.endswith(".so") for n in names), names
+        assert f"fastingest/{core}.pyi" in names
+    assert "fastingest/py.typed" in names
 
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
@@ -87,9 +100,11 @@ def test_wheel_installs_into_a_fresh_venv_with_the_compiled_module(tmp_path):
     # --no-deps: the queue core imports nothing outside the standard library.
     subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True)
     code = (
-        "import fastingest, fastingest._queue as c\n"
+        "import fastingest, fastingest._queue as c, fastingest._split as s, fastingest.split\n"
         "assert fastingest.USE_EXTENSIONS and fastingest.RingQueue is c.RingQueue\n"
+        "assert fastingest.split.split_payloads is s.split_payloads\n"
         "q = fastingest.RingQueue(2); q.put_nowait(b'x'); assert q.get_nowait() == b'x'\n"
+        "assert s.split_payloads(b'[{}]') == (b'{}\\n', 1, None)\n"
         "print(c.__file__)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "FASTINGEST_NO_EXTENSIONS"}

@@ -4,10 +4,14 @@ A request is accepted whole or not at all. Its payloads leave here as one NDJSON
 chunk (each payload on its own line, newline-terminated): the unit the intake
 queue holds and the batcher appends.
 
-What is stored byte-for-byte: a single-object body (if it fits on one line) and
-every NDJSON line. Payloads parsed out of an array or a collection are
-re-serialised compactly by orjson: same values, not necessarily the same bytes. So
-a re-serialised payload may not hold an integer orjson cannot keep (beyond 64 bits).
+Payloads are stored as sent, byte for byte: every NDJSON line, and each object of a
+JSON body (the body itself, an array's elements, a collection's ``data``), found by
+the splitter (``split.py``) without parsing the body into Python objects. Bodies the
+splitter leaves alone (invalid ones, a payload spanning lines, an exponent or a
+surrogate escape: see ``_split_py.py``) are parsed by orjson, which words the error
+or re-serialises each payload compactly: same values, not necessarily the same
+bytes. So a re-serialised payload may not hold an integer orjson cannot keep
+(beyond 64 bits).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from fastingest.split import split_payloads
 
 # An integer of 19 or more digits may lie outside [-2**63, 2**64), which orjson reads as a float.
 # Found by mapping every digit to "0" and searching for 19 of them: one C pass over the body,
@@ -125,6 +131,8 @@ def _decode_error(exc: orjson.JSONDecodeError, line: int | None = None) -> BodyE
 
 
 def _parse_json(body: bytes) -> Payloads:
+    if (split := split_payloads(body)) is not None:
+        return Payloads(*split)
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:

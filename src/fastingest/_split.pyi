@@ -1,0 +1,3 @@
+"""Types of the compiled splitter; ``_split_py.py`` is its specification."""
+
+def split_payloads(body: bytes) -> tuple[bytes, int, str | None] | None: ...

@@ -1,0 +1,328 @@
+# cython: language_level=3
+"""Split a JSON body into payloads without building it: the compiled twin of ``_split_py.py``.
+
+``_split_py.py`` is the specification, function for function; read its docstring for
+what is returned and when None sends the body to the orjson path. Here the scan is
+C over the body's bytes: no Python object is made until the chunk is copied out, so
+a 10-payload collection costs one pass instead of orjson building every dict and
+string and dumping them again.
+
+The scanning functions take no Python object and hold no reference (``nogil``).
+They are not run with the GIL released: a body is at most a few MiB and is scanned
+in microseconds, less than a release and re-acquire would cost the event loop.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.string cimport memchr, memcmp, memcpy
+
+cdef enum:
+    MAX_DEPTH = 128  # containers inside containers (orjson allows 1024)
+    MAX_NUMBER = 100  # characters in a number; a longer one may be infinite as a double
+
+ctypedef const unsigned char* cstr
+
+
+cdef struct Span:
+    Py_ssize_t start
+    Py_ssize_t end
+
+
+cdef inline Py_ssize_t _ws(cstr s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    while i < n and (s[i] == 0x20 or s[i] == 0x0A or s[i] == 0x0D or s[i] == 0x09):
+        i += 1
+    return i
+
+
+cdef inline int _hex(unsigned char c) noexcept nogil:
+    if 0x30 <= c <= 0x39:
+        return c - 0x30
+    if 0x41 <= c <= 0x46:
+        return c - 0x41 + 10
+    if 0x61 <= c <= 0x66:
+        return c - 0x61 + 10
+    return -1
+
+
+cdef inline bint _cont(cstr s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    return i < n and 0x80 <= s[i] <= 0xBF
+
+
+cdef Py_ssize_t _string(cstr s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """The end of the string at s[i] (past its closing quote); -1 for None."""
+    cdef unsigned char c
+    cdef int k, h, v
+    i += 1
+    while i < n:
+        c = s[i]
+        if c == 0x22:  # "
+            return i + 1
+        if c == 0x5C:  # backslash
+            if i + 1 >= n:
+                return -1
+            c = s[i + 1]
+            if c == 0x75:  # u
+                if i + 6 > n:
+                    return -1
+                v = 0
+                for k in range(2, 6):
+                    h = _hex(s[i + k])
+                    if h < 0:
+                        return -1
+                    v = v * 16 + h
+                if 0xD800 <= v <= 0xDFFF:
+                    return -1  # a surrogate: orjson may refuse it
+                i += 6
+            elif (c == 0x22 or c == 0x5C or c == 0x2F or c == 0x62 or c == 0x66
+                  or c == 0x6E or c == 0x72 or c == 0x74):
+                i += 2
+            else:
+                return -1
+        elif c < 0x20:
+            return -1
+        elif c < 0x80:
+            i += 1
+        # UTF-8, well-formed as Unicode's table 3-7 has it: no overlongs, no surrogates.
+        elif 0xC2 <= c <= 0xDF:
+            if not _cont(s, i + 1, n):
+                return -1
+            i += 2
+        elif 0xE0 <= c <= 0xEF:
+            if i + 1 >= n:
+                return -1
+            if c == 0xE0 and not 0xA0 <= s[i + 1] <= 0xBF:
+                return -1
+            if c == 0xED and not 0x80 <= s[i + 1] <= 0x9F:
+                return -1
+            if not (_cont(s, i + 1, n) and _cont(s, i + 2, n)):
+                return -1
+            i += 3
+        elif 0xF0 <= c <= 0xF4:
+            if i + 1 >= n:
+                return -1
+            if c == 0xF0 and not 0x90 <= s[i + 1] <= 0xBF:
+                return -1
+            if c == 0xF4 and not 0x80 <= s[i + 1] <= 0x8F:
+                return -1
+            if not (_cont(s, i + 1, n) and _cont(s, i + 2, n) and _cont(s, i + 3, n)):
+                return -1
+            i += 4
+        else:
+            return -1
+    return -1
+
+
+cdef Py_ssize_t _number(cstr s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t start = i
+    cdef unsigned char c
+    if i < n and s[i] == 0x2D:  # -
+        i += 1
+    if i >= n:
+        return -1
+    if s[i] == 0x30:
+        i += 1
+    elif 0x31 <= s[i] <= 0x39:
+        while i < n and 0x30 <= s[i] <= 0x39:
+            i += 1
+    else:
+        return -1
+    if i < n and s[i] == 0x2E:  # .
+        if i + 1 >= n or not 0x30 <= s[i + 1] <= 0x39:
+            return -1
+        i += 1
+        while i < n and 0x30 <= s[i] <= 0x39:
+            i += 1
+    if i < n:
+        c = s[i]
+        if 0x30 <= c <= 0x39 or c == 0x65 or c == 0x45 or c == 0x2E:  # an exponent, or invalid
+            return -1
+    if i - start > MAX_NUMBER:
+        return -1
+    return i
+
+
+cdef inline Py_ssize_t _literal(cstr s, Py_ssize_t i, Py_ssize_t n, const char* word,
+                                Py_ssize_t size) noexcept nogil:
+    if n - i >= size and memcmp(s + i, word, size) == 0:
+        return i + size
+    return -1
+
+
+cdef Py_ssize_t _value(cstr s, Py_ssize_t i, Py_ssize_t n, int depth) noexcept nogil:
+    """The end of the value at s[i], which `depth` containers hold; -1 for None."""
+    if i >= n:
+        return -1
+    cdef unsigned char c = s[i]
+    if c == 0x22:
+        return _string(s, i, n)
+    if c == 0x7B or c == 0x5B:
+        if depth >= MAX_DEPTH:
+            return -1
+        if c == 0x7B:
+            return _object(s, i, n, depth + 1)
+        return _array(s, i, n, depth + 1)
+    if c == 0x74:
+        return _literal(s, i, n, "true", 4)
+    if c == 0x66:
+        return _literal(s, i, n, "false", 5)
+    if c == 0x6E:
+        return _literal(s, i, n, "null", 4)
+    return _number(s, i, n)
+
+
+cdef Py_ssize_t _object(cstr s, Py_ssize_t i, Py_ssize_t n, int depth) noexcept nogil:
+    i = _ws(s, i + 1, n)
+    if i < n and s[i] == 0x7D:
+        return i + 1
+    while True:
+        if i >= n or s[i] != 0x22:
+            return -1
+        i = _string(s, i, n)
+        if i < 0:
+            return -1
+        i = _ws(s, i, n)
+        if i >= n or s[i] != 0x3A:  # :
+            return -1
+        i = _value(s, _ws(s, i + 1, n), n, depth)
+        if i < 0:
+            return -1
+        i = _ws(s, i, n)
+        if i < n and s[i] == 0x2C:  # ,
+            i = _ws(s, i + 1, n)
+        elif i < n and s[i] == 0x7D:
+            return i + 1
+        else:
+            return -1
+
+
+cdef Py_ssize_t _array(cstr s, Py_ssize_t i, Py_ssize_t n, int depth) noexcept nogil:
+    i = _ws(s, i + 1, n)
+    if i < n and s[i] == 0x5D:
+        return i + 1
+    while True:
+        i = _value(s, i, n, depth)
+        if i < 0:
+            return -1
+        i = _ws(s, i, n)
+        if i < n and s[i] == 0x2C:
+            i = _ws(s, i + 1, n)
+        elif i < n and s[i] == 0x5D:
+            return i + 1
+        else:
+            return -1
+
+
+cdef Py_ssize_t _payloads(cstr s, Py_ssize_t i, Py_ssize_t n, int depth, char* out,
+                          Py_ssize_t* size, Py_ssize_t* count) noexcept nogil:
+    """A non-empty array of objects at s[i], `depth` containers deep: copied to out."""
+    cdef Py_ssize_t end
+    i = _ws(s, i + 1, n)
+    while True:
+        if i >= n or s[i] != 0x7B:
+            return -1
+        end = _value(s, i, n, depth)
+        if end < 0 or not _one_line(s, i, end):
+            return -1
+        memcpy(out + size[0], s + i, end - i)
+        size[0] += end - i + 1
+        out[size[0] - 1] = 0x0A
+        count[0] += 1
+        i = _ws(s, end, n)
+        if i < n and s[i] == 0x2C:
+            i = _ws(s, i + 1, n)
+        elif i < n and s[i] == 0x5D:
+            return i + 1
+        else:
+            return -1
+
+
+cdef Py_ssize_t _collection(cstr s, Py_ssize_t i, Py_ssize_t n, char* out, Py_ssize_t* size,
+                            Py_ssize_t* count, Span* token) noexcept nogil:
+    """A top-level object at s[i]; its "data" copied to out. -1 for None."""
+    cdef Py_ssize_t end, key_size
+    cdef cstr key
+    cdef bint seen_token = False
+    i = _ws(s, i + 1, n)
+    if i < n and s[i] == 0x7D:
+        return i + 1
+    while True:
+        if i >= n or s[i] != 0x22:
+            return -1
+        end = _string(s, i, n)
+        if end < 0 or memchr(s + i + 1, 0x5C, end - i - 2) != NULL:
+            return -1  # invalid, or a key written with an escape
+        key = s + i + 1
+        key_size = end - i - 2
+        i = _ws(s, end, n)
+        if i >= n or s[i] != 0x3A:
+            return -1
+        i = _ws(s, i + 1, n)
+        if key_size == 4 and memcmp(key, b"data", 4) == 0:
+            if count[0] or i >= n or s[i] != 0x5B:
+                return -1
+            i = _payloads(s, i, n, 2, out, size, count)
+        elif key_size == 5 and memcmp(key, b"token", 5) == 0:
+            if seen_token:
+                return -1
+            seen_token = True
+            if i < n and s[i] == 0x22:
+                end = _string(s, i, n)
+                if end < 0 or memchr(s + i, 0x5C, end - i) != NULL:
+                    return -1
+                token.start = i + 1
+                token.end = end - 1
+                i = end
+            else:
+                i = _value(s, i, n, 1)
+        else:
+            i = _value(s, i, n, 1)
+        if i < 0:
+            return -1
+        i = _ws(s, i, n)
+        if i < n and s[i] == 0x2C:
+            i = _ws(s, i + 1, n)
+        elif i < n and s[i] == 0x7D:
+            if not count[0]:
+                token.start = token.end = -1  # a lone object has no token
+            return i + 1
+        else:
+            return -1
+
+
+cdef inline bint _one_line(cstr s, Py_ssize_t start, Py_ssize_t end) noexcept nogil:
+    return (memchr(s + start, 0x0A, end - start) == NULL
+            and memchr(s + start, 0x0D, end - start) == NULL)
+
+
+def split_payloads(bytes body not None):
+    """The body's payloads as an NDJSON chunk, their count and the collection's token."""
+    cdef cstr s = <cstr>PyBytes_AS_STRING(body)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(body)
+    cdef Py_ssize_t i = _ws(s, 0, n)
+    cdef Py_ssize_t end = -1
+    cdef Py_ssize_t size = 0
+    cdef Py_ssize_t count = 0
+    cdef Span token
+    token.start = token.end = -1
+    if i == n:
+        return None
+    # Each payload plus its newline fits in the body: payloads are disjoint and each is
+    # followed by at least a "," or a "]". A lone object may need one byte more.
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, n + 1)
+    cdef char* buf = PyBytes_AS_STRING(out)
+    if s[i] == 0x5B:
+        end = _payloads(s, i, n, 1, buf, &size, &count)
+    elif s[i] == 0x7B:
+        end = _collection(s, i, n, buf, &size, &count, &token)
+        if end >= 0 and not count:  # no "data": the object is the payload
+            if not _one_line(s, i, end):
+                return None
+            memcpy(buf, s + i, end - i)
+            buf[end - i] = 0x0A
+            size = end - i + 1
+            count = 1
+    if end < 0 or _ws(s, end, n) != n:
+        return None
+    text = None
+    if token.start >= 0:
+        text = s[token.start:token.end].decode("utf-8")
+    return out[:size], count, text

@@ -1,0 +1,232 @@
+"""Split a JSON body into payloads without building it: the pure-Python twin of ``_split.pyx``.
+
+This module is the specification. The compiled twin has the same functions, and it
+must return the same thing for every input; tests/test_split.py checks the two
+against each other and against orjson. This one is several times slower than the
+orjson path in ``bodies.py``, so it is used only where the extension is not built.
+
+``split_payloads(body)`` returns ``(chunk, count, token)``: each payload's own bytes,
+as sent, each followed by ``b"\\n"``, their count, and the collection's ``token``.
+Or it returns None, and the body goes to the orjson path, which parses it,
+re-serialises each payload and words any error. So None answers everything that is
+not plainly fine:
+
+- invalid JSON, judged at least as strictly as orjson: UTF-8 without overlongs or
+  surrogates, no control characters in strings, no leading zeros, no trailing
+  commas, nothing after the document;
+- valid JSON that orjson might read differently: a ``\\u`` escape of a surrogate, a
+  number with an exponent or longer than ``MAX_NUMBER`` characters (orjson refuses
+  some as infinite), nesting deeper than ``MAX_DEPTH``;
+- a top-level key written with an escape, ``data`` or ``token`` given twice (orjson
+  keeps the last), a ``token`` string with an escape;
+- any shape but these three: a collection whose ``data`` is a non-empty array of
+  objects, a non-empty array of objects, one object without ``data``;
+- a payload that spans lines (NDJSON needs one line per payload).
+"""
+
+from __future__ import annotations
+
+import re
+
+MAX_DEPTH = 128  # containers inside containers (orjson allows 1024)
+MAX_NUMBER = 100  # characters in a number; a longer one may be infinite as a double
+
+_WHITESPACE = frozenset(b" \t\n\r")
+_STRING = re.compile(rb'"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*"')
+_ESCAPE = re.compile(rb"\\(?:u[dD][89a-fA-F]|.)")  # escapes in order; 3 bytes: a surrogate
+_NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?")
+_NOT_AFTER_NUMBER = frozenset(b"0123456789eE.")  # an exponent, or an invalid number
+_LITERALS = (b"true", b"false", b"null")
+QUOTE, COMMA, COLON = ord('"'), ord(","), ord(":")
+OBJECT, OBJECT_END, ARRAY, ARRAY_END = ord("{"), ord("}"), ord("["), ord("]")
+NO_TOKEN = (-1, -1)  # the token's span, quotes excluded, when there is none
+
+
+def split_payloads(body: bytes) -> tuple[bytes, int, str | None] | None:
+    """The body's payloads as an NDJSON chunk, their count and the collection's token."""
+    n = len(body)
+    i = _ws(body, 0)
+    spans: list[tuple[int, int]] = []
+    token = NO_TOKEN
+    if i == n:
+        return None
+    if body[i] == ARRAY:
+        end = _payloads(body, i, 1, spans)
+    elif body[i] == OBJECT:
+        end, token = _collection(body, i, spans)
+        if end >= 0 and not spans:  # no "data": the object is the payload
+            spans.append((i, end))
+    else:
+        return None
+    if end < 0 or _ws(body, end) != n:
+        return None
+    for a, b in spans:
+        if b"\n" in body[a:b] or b"\r" in body[a:b]:
+            return None
+    chunk = b"".join(body[a:b] + b"\n" for a, b in spans)
+    text = None if token == NO_TOKEN else body[token[0] : token[1]].decode()
+    return chunk, len(spans), text
+
+
+def _collection(body: bytes, i: int, spans: list[tuple[int, int]]) -> tuple[int, tuple[int, int]]:
+    """A top-level object at body[i]; fills `spans` from its "data". -1 for None."""
+    n = len(body)
+    token = NO_TOKEN
+    seen_token = False
+    i = _ws(body, i + 1)
+    if i < n and body[i] == OBJECT_END:
+        return i + 1, token
+    while True:
+        if i >= n or body[i] != QUOTE:
+            return -1, token
+        end = _string(body, i)
+        if end < 0:
+            return -1, token
+        key = body[i + 1 : end - 1]
+        if b"\\" in key:
+            return -1, token
+        i = _ws(body, end)
+        if i >= n or body[i] != COLON:
+            return -1, token
+        i = _ws(body, i + 1)
+        if key == b"data":
+            if spans or i >= n or body[i] != ARRAY:
+                return -1, token
+            i = _payloads(body, i, 2, spans)
+        elif key == b"token":
+            if seen_token:
+                return -1, token
+            seen_token = True
+            if i < n and body[i] == QUOTE:
+                end = _string(body, i)
+                if end < 0 or b"\\" in body[i:end]:
+                    return -1, token
+                token = (i + 1, end - 1)
+                i = end
+            else:
+                i = _value(body, i, 1)
+        else:
+            i = _value(body, i, 1)
+        if i < 0:
+            return -1, token
+        i = _ws(body, i)
+        if i < n and body[i] == COMMA:
+            i = _ws(body, i + 1)
+        elif i < n and body[i] == OBJECT_END:
+            return i + 1, token if spans else NO_TOKEN  # a lone object has no token
+        else:
+            return -1, token
+
+
+def _payloads(body: bytes, i: int, depth: int, spans: list[tuple[int, int]]) -> int:
+    """A non-empty array of objects at body[i], `depth` containers deep; their spans."""
+    n = len(body)
+    i = _ws(body, i + 1)
+    while True:
+        if i >= n or body[i] != OBJECT:
+            return -1
+        end = _value(body, i, depth)
+        if end < 0:
+            return -1
+        spans.append((i, end))
+        i = _ws(body, end)
+        if i < n and body[i] == COMMA:
+            i = _ws(body, i + 1)
+        elif i < n and body[i] == ARRAY_END:
+            return i + 1
+        else:
+            return -1
+
+
+def _value(body: bytes, i: int, depth: int) -> int:
+    """The end of the value at body[i], which `depth` containers hold; -1 for None."""
+    if i >= len(body):
+        return -1
+    c = body[i]
+    if c == QUOTE:
+        return _string(body, i)
+    if c == OBJECT or c == ARRAY:
+        if depth >= MAX_DEPTH:
+            return -1
+        return _object(body, i, depth + 1) if c == OBJECT else _array(body, i, depth + 1)
+    for literal in _LITERALS:
+        if body.startswith(literal, i):
+            return i + len(literal)
+    return _number(body, i)
+
+
+def _object(body: bytes, i: int, depth: int) -> int:
+    n = len(body)
+    i = _ws(body, i + 1)
+    if i < n and body[i] == OBJECT_END:
+        return i + 1
+    while True:
+        if i >= n or body[i] != QUOTE:
+            return -1
+        i = _string(body, i)
+        if i < 0:
+            return -1
+        i = _ws(body, i)
+        if i >= n or body[i] != COLON:
+            return -1
+        i = _value(body, _ws(body, i + 1), depth)
+        if i < 0:
+            return -1
+        i = _ws(body, i)
+        if i < n and body[i] == COMMA:
+            i = _ws(body, i + 1)
+        elif i < n and body[i] == OBJECT_END:
+            return i + 1
+        else:
+            return -1
+
+
+def _array(body: bytes, i: int, depth: int) -> int:
+    n = len(body)
+    i = _ws(body, i + 1)
+    if i < n and body[i] == ARRAY_END:
+        return i + 1
+    while True:
+        i = _value(body, i, depth)
+        if i < 0:
+            return -1
+        i = _ws(body, i)
+        if i < n and body[i] == COMMA:
+            i = _ws(body, i + 1)
+        elif i < n and body[i] == ARRAY_END:
+            return i + 1
+        else:
+            return -1
+
+
+def _string(body: bytes, i: int) -> int:
+    """The end of the string at body[i] (past its closing quote); -1 for None."""
+    m = _STRING.match(body, i)
+    if m is None:
+        return -1
+    text = body[i : m.end()]
+    if b"\\" in text and any(len(e.group()) > 2 for e in _ESCAPE.finditer(text)):
+        return -1  # a surrogate escape
+    if not text.isascii():
+        try:
+            text.decode("utf-8")
+        except UnicodeDecodeError:
+            return -1
+    return m.end()
+
+
+def _number(body: bytes, i: int) -> int:
+    m = _NUMBER.match(body, i)
+    if m is None:
+        return -1
+    end = m.end()
+    if end - i > MAX_NUMBER or (end < len(body) and body[end] in _NOT_AFTER_NUMBER):
+        return -1
+    return end
+
+
+def _ws(body: bytes, i: int) -> int:
+    n = len(body)
+    while i < n and body[i] in _WHITESPACE:
+        i += 1
+    return i
