@@ -41,6 +41,8 @@ MAGIC = b"FISPOOL1"
 SEGMENT_HEADER = struct.Struct("<8sI")  # magic, epoch
 RECORD = struct.Struct("<IIBQd")  # body length, crc32, kind, seq, time
 CRC_FROM = 8  # the crc covers kind, seq, time and body
+_LENGTH_CRC = struct.Struct("<II")
+_META = struct.Struct("<BQd")  # kind, seq, time
 LAST_SEQ = struct.Struct("<Q")
 DATA, BATCH = 1, 2
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
@@ -68,8 +70,13 @@ class Record:
 
 
 def frame(kind: int, seq: int, ts: float, body: bytes) -> bytes:
-    rest = RECORD.pack(len(body), 0, kind, seq, ts)[CRC_FROM:] + body
-    return struct.pack("<II", len(body), zlib.crc32(rest)) + rest
+    return head(kind, seq, ts, body) + body
+
+
+def head(kind: int, seq: int, ts: float, body: bytes) -> bytes:
+    """A record's bytes before its body (the spool writes the two without joining them)."""
+    meta = _META.pack(kind, seq, ts)
+    return _LENGTH_CRC.pack(len(body), zlib.crc32(body, zlib.crc32(meta))) + meta
 
 
 @dataclass(slots=True)
@@ -141,8 +148,9 @@ class Spool:
         self._by_seq: list[tuple[int, Segment]] = []  # (first data seq, segment), ascending
         self._marks: dict[int, Segment] = {}  # batch first seq -> segment of its marker
         self._early: set[tuple[int, int]] = set()  # (kind, seq) stored before it was written
-        self._buffer: list[bytes] = []
-        self._metas: list[tuple[int, int]] = []  # (kind, seq) of each buffered record
+        self._buffer: list[bytes] = []  # record heads and bodies, in order
+        self._data_seqs: list[int] = []  # of the buffered DATA records, ascending
+        self._marker_seqs: list[int] = []  # of the buffered BATCH records
         self._buffered_payloads = 0
         self._buffered = 0
         self._appended = 0  # records appended, ever
@@ -176,8 +184,8 @@ class Spool:
             self.damaged += damaged
             seg = Segment(path, epoch, size)
             self.segments.append(seg)
-            for r in found:
-                self._count(seg, r.kind, r.seq)
+            data = [r.seq for r in found if r.kind == DATA]
+            self._count(seg, data, [r.seq for r in found if r.kind == BATCH])
             records += found
             self.on_disk += size
         self._rotate()
@@ -197,36 +205,43 @@ class Spool:
             _fsync_dir(self.root)
         return new
 
-    def _count(self, seg: Segment, kind: int, seq: int) -> None:
-        """Record (kind, seq) now lives in `seg` and is pending until stored()."""
-        if (kind, seq) in self._early:
-            self._early.discard((kind, seq))
-            return
-        seg.pending += 1
-        if kind == DATA:
+    def _count(self, seg: Segment, data: list[int], markers: list[int]) -> None:
+        """These records now live in `seg` and are pending until stored()."""
+        if self._early:  # some were stored before they reached the disk: they are done
+            data, markers = self._not_early(DATA, data), self._not_early(BATCH, markers)
+        seg.pending += len(data) + len(markers)
+        if data:
             if not seg.seqs:
-                self._by_seq.append((seq, seg))
-            seg.seqs.append(seq)
-        else:
+                self._by_seq.append((data[0], seg))
+            seg.seqs += data
+        for seq in markers:
             self._marks[seq] = seg
+
+    def _not_early(self, kind: int, seqs: list[int]) -> list[int]:
+        kept = []
+        for seq in seqs:
+            if (kind, seq) in self._early:
+                self._early.discard((kind, seq))
+            else:
+                kept.append(seq)
+        return kept
 
     # --- writing ---------------------------------------------------------------
 
     def check(self, size: int) -> None:
         """Raise SpoolError unless a record of `size` bytes may be taken now."""
-        loop = asyncio.get_running_loop()
-        if loop.time() < self._failed_until:
+        if self._failed_until and asyncio.get_running_loop().time() < self._failed_until:
             raise SpoolError("the spool disk failed a moment ago; retry shortly")
         if self.on_disk + self._buffered + size > self.max_bytes:
             raise SpoolError(f"the spool holds {self.on_disk + self._buffered} bytes, its limit")
 
     def append(self, kind: int, seq: int, ts: float, body: bytes, payloads: int = 0) -> int:
         """Buffer a record; the flusher writes it soon. Returns its ticket for wait()."""
-        framed = frame(kind, seq, ts, body)
-        self._buffer.append(framed)
-        self._metas.append((kind, seq))
+        before = head(kind, seq, ts, body)
+        self._buffer += (before, body)
+        (self._data_seqs if kind == DATA else self._marker_seqs).append(seq)
         self._buffered_payloads += payloads
-        self._buffered += len(framed)
+        self._buffered += len(before) + len(body)
         self._appended += 1
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(
@@ -245,10 +260,10 @@ class Spool:
     async def _flush(self) -> None:
         try:
             while self._buffer:
-                data, metas = b"".join(self._buffer), self._metas
+                data, seqs, markers = b"".join(self._buffer), self._data_seqs, self._marker_seqs
                 upto, payloads = self._appended, self._buffered_payloads
-                self._buffer, self._metas, self._buffered = [], [], 0
-                self._buffered_payloads = 0
+                self._buffer, self._data_seqs, self._marker_seqs = [], [], []
+                self._buffered = self._buffered_payloads = 0
                 seg = self.segments[-1]
                 try:
                     await asyncio.to_thread(_write_and_sync, self._file, data, seg.size)
@@ -258,8 +273,7 @@ class Spool:
                 # Bookkeeping stays on the event loop; the thread only wrote and synced.
                 seg.size += len(data)
                 self.on_disk += len(data)
-                for kind, seq in metas:
-                    self._count(seg, kind, seq)
+                self._count(seg, seqs, markers)
                 self._durable = upto
                 metrics.PAYLOADS_DURABLE.inc(payloads)
                 self._settle(upto, None)
