@@ -147,7 +147,7 @@ class Endpoints:
         self, headers: Headers, raw: bytes, ack: str
     ) -> tuple[int, Awaitable[bool | None] | None]:
         """Queue the body's payloads; returns their count and, unless ack is received, the wait."""
-        metrics.BYTES_IN.inc(len(raw))
+        metrics.add(metrics.BYTES_IN, len(raw))
         limit = self.max_body_bytes
         body = decompress(raw, headers.get("content-encoding", ""), limit)
         payloads = parse(body, media_type(headers.get("content-type")))

@@ -185,7 +185,7 @@ class Pipeline:
         """
         self.spool.check(len(chunk))
         self.intake.put_nowait(chunk)
-        metrics.PAYLOADS_ACCEPTED.inc(payloads)
+        metrics.add(metrics.PAYLOADS_ACCEPTED, payloads)
         self._queued_payloads += payloads
         stored = None
         if want_upload:  # registered before the batcher can see the chunk
@@ -221,6 +221,7 @@ class Pipeline:
                 self._frame(chunks)  # no await: every chunk lands in self._open or self._handoff
             elif self._open is not None:  # the open batch reached its age
                 self._close_open()
+            metrics.flush()  # before any of these chunks can be counted as uploaded
             await self._hand_over()
         self._close_open()
         await self._hand_over()

@@ -156,7 +156,7 @@ class LeanFront:
         counter = self._counters.get((route, status))
         if counter is None:  # labels() takes a lock and formats: once per (route, status)
             counter = self._counters[(route, status)] = metrics.REQUESTS.labels(route, str(status))
-        counter.inc()
+        metrics.add(counter)
 
     def render(self, answer: Answer, keep_alive: bool, head: bool) -> bytes:
         """The answer's bytes on the wire; the few common ones are rendered once per tick."""

@@ -111,8 +111,9 @@ async def _serve_until(stop: asyncio.Event, settings: Settings) -> None:
 
 
 async def _refresh_gauges(pipeline: Pipeline, stop: asyncio.Event) -> None:
-    # Under --processes another worker may answer /metrics: keep this one's gauges fresh.
+    # Under --processes another worker may answer /metrics: keep this one's numbers fresh.
     while not stop.is_set():
         pipeline.update_gauges()
+        metrics.flush()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), GAUGE_REFRESH_SECONDS)

@@ -52,7 +52,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         )
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
-    metrics.REQUESTS.labels(route, str(answer.status)).inc()
+    metrics.add(metrics.REQUESTS.labels(route, str(answer.status)))
     return answer
 
 
