@@ -86,6 +86,30 @@ def test_segments_are_freed_once_everything_in_them_is_stored(tmp_path):
     run(main())
 
 
+@pytest.mark.parametrize("as_range", [True, False])
+def test_runs_across_segments_and_the_write_buffer_settle_exactly(tmp_path, as_range):
+    async def main():
+        spool = Spool(tmp_path, 1 << 30, segment_bytes=300)
+        spool.open()
+        for seq in range(40):  # one flush each, so the segments roll: several of them
+            await spool.wait(spool.append(DATA, seq, 0.0, b'{"i":1,"pad":"xxxxxxxx"}\n'))
+        for seq in range(40, 46):  # still in the write buffer when stored below
+            ticket = spool.append(DATA, seq, 0.0, b"{}\n")
+        assert len(spool.segments) >= 4
+        spool.stored([0, 1, 2, 7, 8, 20])  # gaps: runs of one and of several
+        rest = [s for s in range(46) if s not in (0, 1, 2, 7, 8, 20)]
+        spool.stored(range(3, 7) if as_range else [3, 4, 5, 6])
+        spool.stored(range(9, 20) if as_range else list(range(9, 20)))
+        spool.stored(range(21, 46) if as_range else [s for s in rest if s > 20])
+        await spool.wait(ticket)
+        assert len(spool.segments) <= 2  # the active one, and the one 40-45 may have filled
+        assert [seg.pending for seg in spool.segments] == [0] * len(spool.segments)
+        await spool.close()
+        assert list(tmp_path.glob("seg-*.log")) == []
+
+    run(main())
+
+
 def test_a_marker_keeps_its_segment_until_the_batch_is_stored(tmp_path):
     async def main():
         spool = Spool(tmp_path, 1 << 30, segment_bytes=200)

@@ -317,24 +317,26 @@ class Spool:
     # --- completion ------------------------------------------------------------
 
     def stored(self, seqs: Iterable[int], marker: int | None = None) -> None:
-        """Chunks `seqs` (and the batch marker keyed by `marker`) are stored; free segments."""
+        """Chunks `seqs` (and the batch marker keyed by `marker`) are stored; free segments.
+
+        A batch's seqs are a range, and each segment holds a run of consecutive seqs, so
+        a range is settled a segment at a time: this runs on the event loop, for up to
+        --batch-max-payloads seqs at once, and a loop over each seq stalled it for ms.
+        """
         touched: set[int] = set()
         firsts = [first for first, _ in self._by_seq]
-        # The segment of the previous seq and its seq bounds; empty bounds: look the next one up.
-        seg, low, high = self.segments[-1], 0, -1
-        for seq in seqs:
-            # A batch's seqs are consecutive: find a segment once per run, not once per seq
-            # (this runs on the event loop, for up to --batch-max-payloads seqs at a time).
-            if not low <= seq <= high:
+        for seq, stop in _runs(seqs):
+            while seq < stop:
                 i = bisect.bisect_right(firsts, seq) - 1
                 if i < 0 or seq > self._by_seq[i][1].seqs[-1]:
                     self._early.add((DATA, seq))  # its record is still in the write buffer
-                    low, high = 0, -1
+                    seq += 1
                     continue
                 seg = self._by_seq[i][1]
-                low, high = firsts[i], seg.seqs[-1]
+                upto = min(stop, seg.seqs[-1] + 1)  # the run's part in this segment
+                seg.pending -= upto - seq
                 touched.add(id(seg))
-            seg.pending -= 1
+                seq = upto
         if marker is not None:
             holder = self._marks.pop(marker, None)
             if holder is None:
@@ -365,6 +367,19 @@ class Spool:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def _runs(seqs: Iterable[int]) -> list[tuple[int, int]]:
+    """Ascending seqs as (start, stop) runs of consecutive ones."""
+    if isinstance(seqs, range) and seqs.step == 1:
+        return [(seqs.start, seqs.stop)]
+    runs: list[list[int]] = []
+    for seq in seqs:
+        if runs and runs[-1][1] == seq:
+            runs[-1][1] = seq + 1
+        else:
+            runs.append([seq, seq + 1])
+    return [(start, stop) for start, stop in runs]
 
 
 def stranded(root: Path, processes: int) -> list[tuple[Path, int]]:
