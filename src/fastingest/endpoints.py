@@ -81,7 +81,17 @@ def draining() -> BodyError:
 
 def media_type(content_type: str | None) -> str:
     """``application/json; charset=utf-8`` -> ``application/json``."""
-    return (content_type or "").partition(";")[0].strip().lower()
+    if content_type is None:
+        return ""
+    found = _MEDIA_TYPES.get(content_type)
+    if found is None:  # the same few headers every time: work each out once
+        found = content_type.partition(";")[0].strip().lower()
+        if len(_MEDIA_TYPES) < 1024:
+            _MEDIA_TYPES[content_type] = found
+    return found
+
+
+_MEDIA_TYPES: dict[str, str] = {}
 
 
 def _authorized(candidate: str | None, tokens: list[bytes]) -> bool:
