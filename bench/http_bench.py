@@ -8,7 +8,9 @@ the server, warm up, measure for --duration seconds with wrk and
 ../shared/anchors/wrk/post.lua, stop it with SIGTERM, then read back and count
 every payload that landed. Prints req/s, payloads/s, p50/p99, non-2xx, peak
 RSS, landed vs acknowledged, and each row's ratio to the first row; writes
-JSON and a PNG chart to bench/results/.
+JSON and a PNG chart to bench/results/. With --runs K the servers are run in K
+interleaved rounds and each row shows its median round (every round is in the
+JSON): this host is shared, and one slow minute can halve a single run.
 
 --mode pinned: server on CPU 1, wrk on CPU 0. --mode machine: nothing pinned.
 """
@@ -352,6 +354,11 @@ def chart(results: list[Result], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def median_run(runs: list[Result]) -> Result:
+    """The run with the median req/s (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r.req_s)[(len(runs) - 1) // 2]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -367,6 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-workers", type=int, default=64)
     ap.add_argument("--max-queue", type=int, default=10000)
     ap.add_argument("--anchors", type=Path, default=DEFAULT_ANCHORS)
+    ap.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="rounds over every server, interleaved; each row reports its median run",
+    )
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(
         "--redraw",
@@ -386,17 +399,30 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"no {args.anchors}/wrk/post.lua: point --anchors at the reference folder")
 
     moto = Moto() if args.sink == "s3" else None
-    results: list[Result] = []
+    runs: dict[tuple[str, int], list[Result]] = {}  # every run, by (server, N)
     try:
         servers = cases(args)
+        total = len(servers) * len(args.n) * args.runs
         for n in args.n:
-            for i, server in enumerate(servers):
-                say(f"[{len(results) + 1}/{len(servers) * len(args.n)}] {server.name}, N={n}")
-                results.append(run_one(server, n, args, moto, i))
+            # Rounds interleave the servers, so a slow minute on this shared host falls on
+            # all of them rather than on one row.
+            for round_ in range(args.runs):
+                for i, server in enumerate(servers):
+                    done = sum(len(r) for r in runs)
+                    say(f"[{done + 1}/{total}] {server.name}, N={n}, round {round_ + 1}")
+                    runs.setdefault((server.name, n), []).append(run_one(server, n, args, moto, i))
     finally:
         if moto is not None:
             moto.close()
+    results = [median_run(r) for r in runs.values()]
     print(table(results))
+    if args.runs > 1:
+        print("\nreq/s of each round (the table shows each row's median round):")
+        for (name, n), rs in runs.items():
+            print(f"  {name}, N={n}: " + " / ".join(f"{r.req_s:,.0f}" for r in rs))
+    lost = [r for rs in runs.values() for r in rs if r.landed is not None and r.landed < r.acked]
+    for r in lost:
+        print(f"LOST: {r.name} N={r.n} landed {r.landed} of {r.acked} acknowledged")
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     out = args.out or RESULTS / f"http_bench-{args.case}-{stamp}.json"
@@ -405,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "args": {k: str(v) for k, v in vars(args).items()},
     }
-    out.write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))
+    every = [asdict(r) for rs in runs.values() for r in rs]
+    body = {"meta": meta, "results": [asdict(r) for r in results], "runs": every}
+    out.write_text(json.dumps(body, indent=2))
     chart(results, out.with_suffix(".png"))
     print(f"\nwrote {out} and {out.with_suffix('.png').name}")
     return 0
