@@ -53,7 +53,12 @@ log = logging.getLogger("fastingest.pipeline")
 DRAIN_CHUNKS = 1024  # chunks the batcher takes from the intake per round
 JOBS_WAITING = 4  # closed batches queued for the upload workers
 SEAL_IN_THREAD_BYTES = 64 * 1024  # smaller bodies compress faster than a thread hop
-SEAL_NICE = 10  # added niceness of the compression threads
+# Added niceness of the compression threads. On a busy core CFS gives a nice-4 thread
+# about a quarter of the time a nice-0 one gets: enough to compress what the event loop
+# takes in at 10 payloads per request (nice 10, a tenth, was not: the intake filled and
+# a third of the requests got 503), while a batch being compressed still yields the
+# core to the event loop.
+SEAL_NICE = 4
 MARKER_RETRY = 0.5  # seconds between tries to record a closing batch on a failing disk
 
 
@@ -75,8 +80,8 @@ class Pipeline:
         # hold memory (each is up to --batch-max-bytes) while the sink is slow.
         self.jobs: RingQueue[Upload] = RingQueue(min(settings.max_workers, JOBS_WAITING))
         # Compression runs here, one thread per CPU: zlib drops the GIL, and a bounded
-        # pool bounds how many uncompressed copies exist at once. At a lower priority, so a
-        # 4 MiB batch being compressed does not take time slices from the event loop.
+        # pool bounds how many uncompressed copies exist at once. At a lower priority
+        # (SEAL_NICE), so the event loop keeps most of a core shared with compression.
         self._sealer = ThreadPoolExecutor(
             usable_cpus(), thread_name_prefix="fastingest-seal", initializer=_lower_priority
         )
