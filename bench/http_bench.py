@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             # all of them rather than on one row.
             for round_ in range(args.runs):
                 for i, server in enumerate(servers):
-                    done = sum(len(r) for r in runs)
+                    done = sum(len(r) for r in runs.values())
                     say(f"[{done + 1}/{total}] {server.name}, N={n}, round {round_ + 1}")
                     runs.setdefault((server.name, n), []).append(run_one(server, n, args, moto, i))
     finally:
