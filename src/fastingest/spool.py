@@ -320,8 +320,8 @@ class Spool:
         """Chunks `seqs` (and the batch marker keyed by `marker`) are stored; free segments.
 
         A batch's seqs are a range, and each segment holds a run of consecutive seqs, so
-        a range is settled a segment at a time: this runs on the event loop, for up to
-        --batch-max-payloads seqs at once, and a loop over each seq stalled it for ms.
+        a range is settled a segment at a time, not a seq at a time: this runs on the
+        event loop, for up to --batch-max-payloads seqs at once.
         """
         touched: set[int] = set()
         firsts = [first for first, _ in self._by_seq]
