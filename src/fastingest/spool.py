@@ -39,10 +39,10 @@ log = logging.getLogger("fastingest.spool")
 
 MAGIC = b"FISPOOL1"
 SEGMENT_HEADER = struct.Struct("<8sI")  # magic, epoch
-RECORD = struct.Struct("<IIBQd")  # body length, crc32, kind, seq, time
-CRC_FROM = 8  # the crc covers kind, seq, time and body
-_LENGTH_CRC = struct.Struct("<II")
+_LENGTH_CRC = struct.Struct("<II")  # body length, crc32 of what follows
 _META = struct.Struct("<BQd")  # kind, seq, time
+RECORD = struct.Struct(_LENGTH_CRC.format + _META.format[1:])  # a record's head, as read
+CRC_FROM = _LENGTH_CRC.size  # the crc covers kind, seq, time and body
 LAST_SEQ = struct.Struct("<Q")
 DATA, BATCH = 1, 2
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
