@@ -10,12 +10,13 @@ import asyncio
 import random
 import resource
 import signal
+import time
 from collections import Counter
 
 import orjson
 import pytest
 
-from support import FakeS3, S3Proxy, Server, landed_s3, load, wait_until
+from support import FakeS3, S3Proxy, Server, landed_dir, landed_s3, load, wait_until
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("front")]
 
@@ -48,6 +49,21 @@ def test_ack_levels_and_the_per_request_header(tmp_path, s3, bucket, s3_env):
     assert server.stop() == 0
     got, _ = landed_s3(s3, bucket)
     assert got == Counter([body(1), body(2), body(3)])
+
+
+def test_received_survives_kill_9_once_written(tmp_path):
+    """`received` asks for no fsync, yet its spool record is written at once: a kill -9
+    (not a host crash) after that loses nothing."""
+    server = Server("--batch-max-age", "60", cwd=tmp_path)
+    for i in range(20):
+        assert server.post(body(i), **{"X-Fastingest-Ack": "received"})[0] == 202
+    time.sleep(0.3)  # a flush or so
+    server.stop(signal.SIGKILL)
+    again = Server("--batch-max-age", "0.2", cwd=tmp_path)
+    assert again.stop() == 0
+    assert landed_dir(tmp_path / "fastingest-data" / "objects") == Counter(
+        body(i) for i in range(20)
+    )
 
 
 def test_idempotency_key_answers_a_retry_with_the_first_answer(tmp_path, s3, bucket, s3_env):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import Server, wait_until
+from support import Server, landed_dir, wait_until
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("front")]
 
@@ -61,6 +63,20 @@ def test_metrics_add_up_after_a_known_load(tmp_path):
     assert value(m, "fastingest_batches_closed_total") == objects
     assert value(m, "fastingest_payloads_held") == 0
     assert server.stop() == 0
+
+
+def test_received_payloads_wait_for_the_next_fsync_someone_asks_for(tmp_path):
+    # No batch closes (its marker would fsync the segment): only the requests decide.
+    server = Server("--batch-max-age", "60", cwd=tmp_path)
+    for i in range(5):
+        assert server.post(b'{"r":%d}' % i, **{"X-Fastingest-Ack": "received"})[0] == 202
+    assert wait_until(lambda: value(scrape(server), "fastingest_payloads_accepted_total") == 5)
+    time.sleep(0.3)  # time enough for an fsync nobody asked for, were there one
+    assert value(scrape(server), "fastingest_payloads_durable_total") == 0
+    assert server.post(b'{"d":1}', **{"X-Fastingest-Ack": "durable"})[0] == 202
+    assert value(scrape(server), "fastingest_payloads_durable_total") == 6  # one fsync, all six
+    assert server.stop() == 0
+    assert sum(landed_dir(tmp_path / "fastingest-data" / "objects").values()) == 6
 
 
 def test_metrics_sum_over_worker_processes(tmp_path):

@@ -67,6 +67,46 @@ def test_group_commit_shares_fsyncs(tmp_path, monkeypatch):
     run(main())
 
 
+def test_unsynced_records_are_written_and_fsynced_on_demand(tmp_path, monkeypatch):
+    import fastingest.spool as mod
+    from fastingest import metrics
+
+    writes: list[tuple[int, bool]] = []  # (bytes, fsynced) per flush
+    real = mod._write
+    monkeypatch.setattr(
+        mod,
+        "_write",
+        lambda fd, data, good, sync: (writes.append((len(data), sync)), real(fd, data, good, sync))[
+            1
+        ],
+    )
+    chunk = b'{"pad":"%s"}\n' % (b"x" * 89)  # 100 bytes: 125 a record, 32 records a segment
+
+    async def main():
+        spool = Spool(tmp_path, 1 << 30, segment_bytes=4096)
+        spool.open()
+        durable = metrics.total(metrics.PAYLOADS_DURABLE)
+        tickets = []
+        for seq in range(100):
+            tickets.append(spool.append(DATA, seq, 0.0, chunk, 1, sync=False))
+            if seq % 7 == 0:
+                await asyncio.sleep(0.005)  # several flushes, not one
+        while spool._flusher is not None:
+            await asyncio.sleep(0.005)
+        # Written, yet fsynced only where a segment ended (before the next one began).
+        assert sum(size for size, _ in writes) == 100 * 125
+        assert sum(synced for _, synced in writes) == len(spool.segments) - 1 >= 2
+        assert metrics.total(metrics.PAYLOADS_DURABLE) - durable < 100
+        await spool.wait(tickets[-1])  # waiting is what asks for the fsync
+        assert writes[-1] == (0, True)  # nothing left to write: only the fsync
+        assert metrics.total(metrics.PAYLOADS_DURABLE) - durable == 100
+        await spool.wait(tickets[0])  # long since durable: returns at once
+        await spool.close()
+
+    run(main())
+    assert [r.seq for r in Spool(tmp_path, 1 << 30).open()] == list(range(100))
+
+
 def test_segments_are_freed_once_everything_in_them_is_stored(tmp_path):
     async def main():
         spool = Spool(tmp_path, 1 << 30, segment_bytes=1000)
@@ -195,15 +235,15 @@ def test_full_spool_refuses(tmp_path):
 def test_write_failure_fails_the_waiters_and_recovers(tmp_path, monkeypatch):
     import fastingest.spool as mod
 
-    real = mod._write_and_sync
+    real = mod._write
     failures = iter([OSError(28, "No space left on device")])
 
-    def flaky(fd, data, good):
+    def flaky(fd, data, good, sync):
         for exc in failures:
             raise exc
-        return real(fd, data, good)
+        return real(fd, data, good, sync)
 
-    monkeypatch.setattr(mod, "_write_and_sync", flaky)
+    monkeypatch.setattr(mod, "_write", flaky)
 
     async def main():
         spool = Spool(tmp_path, 1 << 30)

@@ -170,7 +170,10 @@ class Endpoints:
                 )
         try:
             ticket, stored = self.pipeline.submit(
-                payloads.chunk, payloads.count, want_upload=ack == "uploaded"
+                payloads.chunk,
+                payloads.count,
+                sync=ack != "received",
+                want_upload=ack == "uploaded",
             )
         except QueueFull:
             raise BodyError(

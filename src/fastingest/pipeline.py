@@ -139,6 +139,7 @@ class Pipeline:
             upload = Upload(
                 key,
                 chunks,
+                sum(len(c) for c in chunks),
                 sum(c.count(b"\n") for c in chunks),
                 m.time,
                 max(data[s].time for s in seqs),
@@ -180,13 +181,15 @@ class Pipeline:
     # --- intake -----------------------------------------------------------------
 
     def submit(
-        self, chunk: bytes, payloads: int, *, want_upload: bool = False
+        self, chunk: bytes, payloads: int, *, sync: bool = True, want_upload: bool = False
     ) -> tuple[int, asyncio.Future[bool] | None]:
         """Queue one request's payloads, taking all or nothing.
 
         Returns the spool ticket (for durable()) and, with `want_upload`, a future
         that resolves once the chunk is stored: True in the sink, False in the
-        dead-letter directory. Raises QueueFull, QueueClosed or SpoolError.
+        dead-letter directory. Without `sync` (ack ``received``) its spool record
+        is written but not fsynced on its own account. Raises QueueFull,
+        QueueClosed or SpoolError.
         """
         self.spool.check(len(chunk))
         self.intake.put_nowait(chunk)
@@ -196,12 +199,12 @@ class Pipeline:
         if want_upload:  # registered before the batcher can see the chunk
             stored = asyncio.get_running_loop().create_future()
             self._upload_waiters[self._next_seq] = stored
-        return self._spool_data(chunk, payloads), stored
+        return self._spool_data(chunk, payloads, sync), stored
 
-    def _spool_data(self, chunk: bytes, payloads: int) -> int:
+    def _spool_data(self, chunk: bytes, payloads: int, sync: bool = True) -> int:
         seq = self._next_seq
         self._next_seq += 1
-        return self.spool.append(DATA, seq, time.time(), chunk, payloads)
+        return self.spool.append(DATA, seq, time.time(), chunk, payloads, sync=sync)
 
     async def durable(self, ticket: int) -> None:
         """Wait until the chunk behind `ticket` is fsynced (SpoolError if that failed)."""

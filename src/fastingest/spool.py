@@ -1,9 +1,17 @@
 """The on-disk spool: what makes "acknowledged" survive ``kill -9``.
 
 Every accepted request is appended, in acceptance order, to an append-only
-segment file as one record. A flusher task writes and fsyncs whatever has
-accumulated in one go (group commit: requests that arrive together share one
-fsync), so a ``durable`` answer costs one fsync shared by many requests.
+segment file as one record. A flusher task writes whatever has accumulated in
+one go, in a thread, and fsyncs it when a record in it asked for that (group
+commit: requests that arrive together share one fsync), so a ``durable`` answer
+costs one fsync shared by many requests.
+
+Records taken at ack level ``received`` ask for no fsync: that level promises
+only a graceful stop, and an fsync here costs a vCPU 0.1-0.7 ms (measured: see
+bench/README.md). They are still written within a flush or so of their answer,
+so they survive ``kill -9`` (the page cache outlives the process), and the next
+fsync of their segment (a ``durable`` request, a batch marker, the segment's
+end) makes them durable too.
 
 Record: ``<u32 body length><u32 crc32 of the rest><u8 kind><u64 seq><f64 time><body>``.
 ``DATA`` records hold one request's NDJSON chunk under its sequence number.
@@ -154,7 +162,9 @@ class Spool:
         self._buffered_payloads = 0
         self._buffered = 0
         self._appended = 0  # records appended, ever
+        self._sync_through = 0  # the last record that asked for an fsync (or was waited on)
         self._durable = 0  # records known to be on disk
+        self._unsynced_payloads = 0  # written since the last fsync
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._file: int = -1
@@ -235,38 +245,54 @@ class Spool:
         if self.on_disk + self._buffered + size > self.max_bytes:
             raise SpoolError(f"the spool holds {self.on_disk + self._buffered} bytes, its limit")
 
-    def append(self, kind: int, seq: int, ts: float, body: bytes, payloads: int = 0) -> int:
-        """Buffer a record; the flusher writes it soon. Returns its ticket for wait()."""
+    def append(
+        self, kind: int, seq: int, ts: float, body: bytes, payloads: int = 0, *, sync: bool = True
+    ) -> int:
+        """Buffer a record; the flusher writes it soon, and fsyncs it if `sync`.
+
+        Returns its ticket for wait(), which fsyncs it in any case.
+        """
         before = head(kind, seq, ts, body)
         self._buffer += (before, body)
         (self._data_seqs if kind == DATA else self._marker_seqs).append(seq)
         self._buffered_payloads += payloads
         self._buffered += len(before) + len(body)
         self._appended += 1
-        if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(
-                self._flush(), name="spool-flush"
-            )
+        if sync:
+            self._sync_through = self._appended
+        self._start_flusher()
         return self._appended
 
     async def wait(self, ticket: int) -> None:
         """Return once record `ticket` is fsynced; SpoolError if its write failed."""
         if ticket <= self._durable:
             return
+        if ticket > self._sync_through:  # appended without sync: it needs one now
+            self._sync_through = ticket
+            self._start_flusher()
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append((ticket, fut))
         await fut
 
+    def _start_flusher(self) -> None:
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(
+                self._flush(), name="spool-flush"
+            )
+
     async def _flush(self) -> None:
         try:
-            while self._buffer:
+            while self._buffer or self._sync_through > self._durable:
                 data, seqs, markers = b"".join(self._buffer), self._data_seqs, self._marker_seqs
-                upto, payloads = self._appended, self._buffered_payloads
+                upto = self._appended
+                self._unsynced_payloads += self._buffered_payloads
                 self._buffer, self._data_seqs, self._marker_seqs = [], [], []
                 self._buffered = self._buffered_payloads = 0
                 seg = self.segments[-1]
+                full = seg.size + len(data) >= self.segment_bytes
+                sync = self._sync_through > self._durable or full  # a segment ends fsynced
                 try:
-                    await asyncio.to_thread(_write_and_sync, self._file, data, seg.size)
+                    await asyncio.to_thread(_write, self._file, data, seg.size, sync)
                 except OSError as exc:
                     self._failed(upto, exc)
                     continue
@@ -274,10 +300,12 @@ class Spool:
                 seg.size += len(data)
                 self.on_disk += len(data)
                 self._count(seg, seqs, markers)
-                self._durable = upto
-                metrics.PAYLOADS_DURABLE.inc(payloads)
-                self._settle(upto, None)
-                if seg.size >= self.segment_bytes:
+                if sync:
+                    self._durable = upto
+                    metrics.PAYLOADS_DURABLE.inc(self._unsynced_payloads)
+                    self._unsynced_payloads = 0
+                    self._settle(upto, None)
+                if full:
                     self._rotate()
         finally:
             self._flusher = None
@@ -286,6 +314,7 @@ class Spool:
         log.error("SPOOL WRITE FAILED (%s): refusing requests that need it; will retry", exc)
         self._failed_until = asyncio.get_running_loop().time() + FAILED_BACKOFF
         self._durable = upto  # nothing waits on these any more: they were answered 503
+        self._unsynced_payloads = 0
         self._settle(upto, SpoolError(f"spool write failed: {exc.strerror or exc}"))
         try:  # a fresh segment: the failed one may sit on a bad region or at a size limit
             self._rotate()
@@ -357,6 +386,9 @@ class Spool:
         self.on_disk -= seg.size
 
     async def close(self) -> None:
+        if self._durable < self._appended:  # what `received` left unsynced ends durable
+            self._sync_through = self._appended
+            self._start_flusher()
         if self._flusher is not None:
             await self._flusher
         if self._file >= 0:
@@ -399,13 +431,14 @@ def stranded(root: Path, processes: int) -> list[tuple[Path, int]]:
     return found
 
 
-def _write_and_sync(fd: int, data: bytes, good_size: int) -> None:
-    """In a worker thread: append `data` and fsync; on failure cut the file back."""
+def _write(fd: int, data: bytes, good_size: int, sync: bool) -> None:
+    """In a worker thread: append `data`, fsync if `sync`; on failure cut the file back."""
     try:
         written = 0
         while written < len(data):
             written += os.write(fd, data[written:])
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     except OSError:
         with contextlib.suppress(OSError):  # leave no half-written group behind
             os.ftruncate(fd, good_size)
