@@ -85,6 +85,7 @@ class Upload:
 
     key: str
     parts: list[bytes]  # NDJSON chunks, or the one payload (per-payload mode)
+    raw_size: int  # their bytes, uncompressed (known, not summed: a batch has ~10k parts)
     payloads: int
     first: float  # receive time of the first and last payload (epoch seconds)
     last: float
@@ -95,11 +96,6 @@ class Upload:
     body: bytes = b""  # set by seal()
     sha256: str = ""  # of the uncompressed NDJSON, for downstream completeness checks
     content_md5: str = ""  # of the stored body, sent as Content-MD5
-
-    @property
-    def raw_size(self) -> int:
-        """Uncompressed bytes, before seal()."""
-        return sum(len(p) for p in self.parts)
 
     def seal(self, compress: Callable[[bytes], bytes]) -> None:
         """Join and compress; CPU-bound, so workers run it in a thread (zlib drops the GIL)."""
@@ -153,6 +149,7 @@ class Batch:
         return Upload(
             key=keys.batch(self.opened, seqs.start, seqs.stop - 1, EXTENSIONS[compression]),
             parts=self.parts,
+            raw_size=self.nbytes,
             payloads=self.payloads,
             first=self.opened,
             last=self.last,
@@ -171,6 +168,7 @@ def per_payload(
         Upload(
             keys.payload(now, seq, i, epoch),
             [line],
+            len(line),
             1,
             now,
             now,
