@@ -10,7 +10,9 @@ every payload that landed. Prints req/s, payloads/s, p50/p99, non-2xx, peak
 RSS, landed vs acknowledged, and each row's ratio to the first row; writes
 JSON and a PNG chart to bench/results/. With --runs K the servers are run in K
 interleaved rounds and each row shows its median round (every round is in the
-JSON): this host is shared, and one slow minute can halve a single run.
+JSON): this host is shared, and one slow minute can halve a single run. Each
+row also says how much CPU time the hypervisor took from this VM while it was
+measured ("steal"): a round with steal is a noisy round, and p99 feels it first.
 
 --mode pinned: server on CPU 1, wrk on CPU 0. --mode machine: nothing pinned.
 """
@@ -63,6 +65,7 @@ class Result:
     rss_mib: float
     stop_rc: int
     stop_s: float
+    steal_pct: float | None = None  # of all CPU time while measuring (None: not Linux)
 
 
 def free_port() -> int:
@@ -163,6 +166,23 @@ def peak_rss_mib(pid: int) -> float:
     return total / 1024
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) jiffies of all CPUs so far, from /proc/stat; None where there is none."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(f) for f in fields[:8]]  # user .. steal; guest time is inside user
+    return ticks[7], sum(ticks)
+
+
+def steal_since(before: tuple[int, int] | None) -> float | None:
+    after = cpu_ticks()
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    return 100 * (after[0] - before[0]) / (after[1] - before[1])
+
+
 def wrk(
     port: int, path: str, n: int, seconds: float, args: argparse.Namespace, pin: str | None
 ) -> dict:
@@ -236,7 +256,9 @@ def run_one(
         pin = "0" if args.mode == "pinned" else None
         warm = wrk(port, server.path, n, args.warmup, args, pin)
         say(f"  {server.name} N={n}: warmed up, measuring {args.duration}s ...")
+        ticks = cpu_ticks()
         run = wrk(port, server.path, n, args.duration, args, pin)
+        steal = steal_since(ticks)
         rss = peak_rss_mib(proc.pid)
     finally:
         started = time.monotonic()
@@ -272,6 +294,7 @@ def run_one(
         rss,
         rc,
         stopped,
+        steal,
     )
 
 
@@ -310,19 +333,24 @@ def cases(args: argparse.Namespace) -> list[Server]:
     return servers
 
 
+def steal(r: Result) -> str:
+    return "n/a" if r.steal_pct is None else f"{r.steal_pct:.1f}"
+
+
 def table(results: list[Result]) -> str:
     base = results[0]
     rows = [
         "| server | N | req/s | payloads/s | vs first | p50 ms | p99 ms | non-2xx | "
-        "landed / acked | RSS MiB | stop |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+        "landed / acked | RSS MiB | stop | steal % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|",
     ]
     for r in results:
         landed = "n/a" if r.landed is None else f"{r.landed:,} / {r.acked:,}"
         rows.append(
             f"| {r.name} | {r.n} | {r.req_s:,.0f} | {r.payloads_s:,.0f} | "
             f"{r.payloads_s / base.payloads_s:.2f}x | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
-            f"{r.non2xx} | {landed} | {r.rss_mib:.0f} | rc={r.stop_rc} {r.stop_s:.1f}s |"
+            f"{r.non2xx} | {landed} | {r.rss_mib:.0f} | rc={r.stop_rc} {r.stop_s:.1f}s | "
+            f"{steal(r)} |"
         )
     return "\n".join(rows)
 
@@ -417,9 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     results = [median_run(r) for r in runs.values()]
     print(table(results))
     if args.runs > 1:
-        print("\nreq/s of each round (the table shows each row's median round):")
+        print("\nreq/s (steal %) of each round (the table shows each row's median round):")
         for (name, n), rs in runs.items():
-            print(f"  {name}, N={n}: " + " / ".join(f"{r.req_s:,.0f}" for r in rs))
+            print(f"  {name}, N={n}: " + " / ".join(f"{r.req_s:,.0f} ({steal(r)})" for r in rs))
     lost = [r for rs in runs.values() for r in rs if r.landed is not None and r.landed < r.acked]
     for r in lost:
         print(f"LOST: {r.name} N={r.n} landed {r.landed} of {r.acked} acknowledged")
