@@ -235,6 +235,7 @@ class S3Proxy:
         self.mode = "pass"
         self.fail_before, self.fail_after = fail_before, fail_after
         self.counts: Counter[str] = Counter()
+        self.put_headers: list[dict[str, str]] = []  # of every PUT, lower-case names
         up = urlsplit(upstream)
         proxy = self
         rng = random.Random(1234)
@@ -255,6 +256,8 @@ class S3Proxy:
             def _any(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                if self.command == "PUT":
+                    proxy.put_headers.append({k.lower(): v for k, v in self.headers.items()})
                 roll = rng.random()
                 if proxy.mode == "flaky" and self.command == "PUT" and roll < proxy.fail_before:
                     proxy.counts["slowdown"] += 1

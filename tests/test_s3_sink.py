@@ -1,0 +1,51 @@
+"""The S3 sink on its own, against moto over HTTP (through a header-recording proxy)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import pytest
+import zstandard
+
+from fastingest.batching import Batch, KeyMaker, compressor
+from fastingest.sinks.s3 import S3Sink
+from support import S3Proxy
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_a_put_carries_content_md5_and_no_second_pass_over_the_body(
+    s3, bucket, s3_env, moto_endpoint, monkeypatch
+):
+    """Content-MD5 (signed) guards the body; no SHA-256 payload signature, no CRC32 on top."""
+    proxy = S3Proxy(moto_endpoint)
+    for name, value in {**s3_env, "AWS_ENDPOINT_URL": proxy.url}.items():
+        monkeypatch.setenv(name, value)  # the sink finds its endpoint the standard way
+    batch = Batch(1700000000.0, 0, 1 << 20, 1000)
+    for i in range(50):
+        batch.add(b'{"i":%d}\n' % i, 1700000000.0 + i)
+    upload = batch.close(KeyMaker("", "ab12", 1, host="h"), "zstd")
+    upload.seal(compressor("zstd"))
+
+    async def put() -> None:
+        sink = S3Sink(bucket)
+        await sink.start()
+        try:
+            await sink.put(upload)
+        finally:
+            await sink.close()
+
+    try:
+        asyncio.run(put())
+    finally:
+        proxy.close()
+    (headers,) = proxy.put_headers
+    assert headers["content-md5"] == upload.content_md5
+    assert "content-md5" in headers["authorization"]  # among the signed headers
+    assert headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
+    assert not [name for name in headers if name.startswith("x-amz-checksum")]
+    stored = s3.get_object(Bucket=bucket, Key=upload.key)
+    raw = zstandard.ZstdDecompressor().stream_reader(stored["Body"].read()).read()
+    assert raw == b"".join(b'{"i":%d}\n' % i for i in range(50))
+    assert stored["Metadata"]["fastingest-sha256"] == hashlib.sha256(raw).hexdigest()
