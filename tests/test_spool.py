@@ -73,13 +73,12 @@ def test_unsynced_records_are_written_and_fsynced_on_demand(tmp_path, monkeypatc
 
     writes: list[tuple[int, bool]] = []  # (bytes, fsynced) per flush
     real = mod._write
-    monkeypatch.setattr(
-        mod,
-        "_write",
-        lambda fd, data, good, sync: (writes.append((len(data), sync)), real(fd, data, good, sync))[
-            1
-        ],
-    )
+
+    def spy(fd: int, data: bytes, good: int, sync: bool) -> None:
+        writes.append((len(data), sync))
+        real(fd, data, good, sync)
+
+    monkeypatch.setattr(mod, "_write", spy)
     chunk = b'{"pad":"%s"}\n' % (b"x" * 89)  # 100 bytes: 125 a record, 32 records a segment
 
     async def main():
@@ -87,24 +86,37 @@ def test_unsynced_records_are_written_and_fsynced_on_demand(tmp_path, monkeypatc
         spool.open()
         durable = metrics.total(metrics.PAYLOADS_DURABLE)
         tickets = []
-        for seq in range(100):
+
+        async def add(seq: int) -> None:
             tickets.append(spool.append(DATA, seq, 0.0, chunk, 1, sync=False))
             if seq % 7 == 0:
                 await asyncio.sleep(0.005)  # several flushes, not one
-        while spool._flusher is not None:
-            await asyncio.sleep(0.005)
+
+        async def idle() -> None:
+            while spool._flusher is not None:
+                await asyncio.sleep(0.005)
+
+        for seq in range(100):
+            await add(seq)
+        await idle()
+        if not spool.segments[-1].seqs:  # the last flush ended a segment: put one in the next
+            await add(100)
+            await idle()
+        n = len(tickets)
+        unsynced = len(spool.segments[-1].seqs)
         # Written, yet fsynced only where a segment ended (before the next one began).
-        assert sum(size for size, _ in writes) == 100 * 125
+        assert sum(size for size, _ in writes) == n * 125
         assert sum(synced for _, synced in writes) == len(spool.segments) - 1 >= 2
-        assert metrics.total(metrics.PAYLOADS_DURABLE) - durable < 100
+        assert metrics.total(metrics.PAYLOADS_DURABLE) - durable == n - unsynced
         await spool.wait(tickets[-1])  # waiting is what asks for the fsync
         assert writes[-1] == (0, True)  # nothing left to write: only the fsync
-        assert metrics.total(metrics.PAYLOADS_DURABLE) - durable == 100
+        assert metrics.total(metrics.PAYLOADS_DURABLE) - durable == n
         await spool.wait(tickets[0])  # long since durable: returns at once
         await spool.close()
+        return n
 
-    run(main())
-    assert [r.seq for r in Spool(tmp_path, 1 << 30).open()] == list(range(100))
+    n = run(main())
+    assert [r.seq for r in Spool(tmp_path, 1 << 30).open()] == list(range(n))
 
 
 def test_segments_are_freed_once_everything_in_them_is_stored(tmp_path):
