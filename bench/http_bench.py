@@ -333,7 +333,7 @@ def cases(args: argparse.Namespace) -> list[Server]:
     return servers
 
 
-def steal(r: Result) -> str:
+def steal_cell(r: Result) -> str:
     return "n/a" if r.steal_pct is None else f"{r.steal_pct:.1f}"
 
 
@@ -350,7 +350,7 @@ def table(results: list[Result]) -> str:
             f"| {r.name} | {r.n} | {r.req_s:,.0f} | {r.payloads_s:,.0f} | "
             f"{r.payloads_s / base.payloads_s:.2f}x | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
             f"{r.non2xx} | {landed} | {r.rss_mib:.0f} | rc={r.stop_rc} {r.stop_s:.1f}s | "
-            f"{steal(r)} |"
+            f"{steal_cell(r)} |"
         )
     return "\n".join(rows)
 
@@ -447,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs > 1:
         print("\nreq/s (steal %) of each round (the table shows each row's median round):")
         for (name, n), rs in runs.items():
-            print(f"  {name}, N={n}: " + " / ".join(f"{r.req_s:,.0f} ({steal(r)})" for r in rs))
+            rounds = " / ".join(f"{r.req_s:,.0f} ({steal_cell(r)})" for r in rs)
+            print(f"  {name}, N={n}: {rounds}")
     lost = [r for rs in runs.values() for r in rs if r.landed is not None and r.landed < r.acked]
     for r in lost:
         print(f"LOST: {r.name} N={r.n} landed {r.landed} of {r.acked} acknowledged")
