@@ -8,7 +8,7 @@ import hashlib
 import pytest
 import zstandard
 
-from fastingest.batching import Batch, KeyMaker, compressor
+from fastingest.batching import Batch, KeyMaker
 from fastingest.sinks.s3 import S3Sink
 from support import S3Proxy
 
@@ -22,11 +22,10 @@ def test_a_put_carries_content_md5_and_no_second_pass_over_the_body(
     proxy = S3Proxy(moto_endpoint)
     for name, value in {**s3_env, "AWS_ENDPOINT_URL": proxy.url}.items():
         monkeypatch.setenv(name, value)  # the sink finds its endpoint the standard way
-    batch = Batch(1700000000.0, 0, 1 << 20, 1000)
+    batch = Batch(1700000000.0, 0, 1 << 20, 1000, "zstd")
     for i in range(50):
         batch.add(b'{"i":%d}\n' % i, 1700000000.0 + i)
-    upload = batch.close(KeyMaker("", "ab12", 1, host="h"), "zstd")
-    upload.seal(compressor("zstd"))
+    upload = batch.close(KeyMaker("", "ab12", 1, host="h"))
 
     async def put() -> None:
         sink = S3Sink(bucket)

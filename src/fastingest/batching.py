@@ -2,8 +2,12 @@
 
 The batcher appends whole request chunks (already NDJSON, see ``bodies``) to the
 open ``Batch``; a batch closes on its byte, payload-count or age threshold and
-becomes an ``Upload`` job. Compression happens later, in a worker, so the event
-loop never spends milliseconds in zlib.
+becomes an ``Upload`` job, sealed: compressed, hashed, ready to PUT.
+
+A batch is compressed as it grows (``Encoder``), a batcher round's chunks at a time,
+on the event loop. The same CPU as compressing the whole batch at the end, but spread
+thin: a compression thread on a busy core got it for a whole 4 ms scheduler tick at a
+time, and every request in flight waited that long (see bench/README.md, session 5).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 EXTENSIONS = {"gzip": ".ndjson.gz", "zstd": ".ndjson.zst", "none": ".ndjson"}
 CONTENT_TYPES = {
@@ -29,23 +34,48 @@ GZIP_LEVEL = 6
 ZSTD_LEVEL = 1
 
 
-def compressor(kind: str) -> Callable[[bytes], bytes]:
-    if kind == "gzip":
-        # wbits=31: a gzip member, which `gunzip` and every analytics engine read.
-        return _gzip
-    if kind == "zstd":
-        import zstandard
+class Encoder:
+    """One object's body, built a piece at a time: compressed, with its two hashes.
 
-        # One compressor per call: a ZstdCompressor is not safe across the seal threads.
-        return lambda data: zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
-    if kind == "none":
-        return bytes
-    raise ValueError(f"unknown compression {kind!r}")
+    zstd and gzip compress as a stream, so a zstd object is one frame without its
+    content size in the header: read it with a streaming decoder (``zstd -d``,
+    ``ZstdDecompressor().stream_reader``), as analytics engines do.
+    """
 
+    __slots__ = ("_compress", "_flush", "_md5", "_out", "_sha256")
 
-def _gzip(data: bytes) -> bytes:
-    c = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
-    return c.compress(data) + c.flush()
+    def __init__(self, compression: str) -> None:
+        if compression == "zstd":
+            import zstandard
+
+            c: Any = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
+        elif compression == "gzip":
+            c = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # a gzip member: gunzip reads it
+        elif compression == "none":
+            c = None
+        else:
+            raise ValueError(f"unknown compression {compression!r}")
+        self._compress: Callable[[bytes], bytes] = bytes if c is None else c.compress
+        self._flush: Callable[[], bytes] = bytes if c is None else c.flush
+        self._sha256 = hashlib.sha256()
+        self._md5 = hashlib.md5()
+        self._out: list[bytes] = []
+
+    def feed(self, raw: bytes) -> None:
+        self._sha256.update(raw)
+        self._keep(self._compress(raw))
+
+    def finish(self) -> tuple[bytes, str, str]:
+        """(body, hex SHA-256 of everything fed, base64 MD5 of the body for Content-MD5)."""
+        self._keep(self._flush())
+        body = b"".join(self._out)
+        self._out = []
+        return body, self._sha256.hexdigest(), base64.b64encode(self._md5.digest()).decode()
+
+    def _keep(self, out: bytes) -> None:
+        if out:  # a stream compressor holds its input until it has a block's worth
+            self._md5.update(out)
+            self._out.append(out)
 
 
 class KeyMaker:
@@ -84,7 +114,7 @@ class Upload:
     """One object to store: built by the batcher, sealed and uploaded by a worker."""
 
     key: str
-    parts: list[bytes]  # NDJSON chunks, or the one payload (per-payload mode)
+    parts: list[bytes]  # NDJSON chunks to seal(), or the one payload; empty once sealed
     raw_size: int  # their bytes, uncompressed (known, not summed: a batch has ~10k parts)
     payloads: int
     first: float  # receive time of the first and last payload (epoch seconds)
@@ -93,19 +123,18 @@ class Upload:
     seqs: range = range(0)  # the request chunks this object holds (all or part of)
     marker: int | None = None  # first seq of a batch whose marker is in the spool
     compression: str = "none"
-    body: bytes = b""  # set by seal()
+    body: bytes = b""  # compressed: by the batcher as the batch grew, or by seal()
     sha256: str = ""  # of the uncompressed NDJSON, for downstream completeness checks
     content_md5: str = ""  # of the stored body, sent as Content-MD5
 
-    def seal(self, compress: Callable[[bytes], bytes]) -> None:
-        """Join and compress; CPU-bound, so workers run it in a thread (zlib drops the GIL)."""
+    def seal(self) -> None:
+        """Join and compress what the batcher left unsealed (a replayed batch, a payload)."""
         if self.body:
             return
-        raw = b"".join(self.parts)
-        self.sha256 = hashlib.sha256(raw).hexdigest()
-        self.body = compress(raw)
-        self.content_md5 = base64.b64encode(hashlib.md5(self.body).digest()).decode()
-        self.parts = []  # only the (compressed) body is needed from here: free the chunks
+        encoder = Encoder(self.compression)
+        encoder.feed(b"".join(self.parts))
+        self.body, self.sha256, self.content_md5 = encoder.finish()
+        self.parts = []  # only the body is needed from here: free the chunks
 
     def metadata(self) -> dict[str, str]:
         """What a downstream job needs to check an object is complete."""
@@ -123,32 +152,52 @@ def _iso(ts: float) -> str:
 
 @dataclass(slots=True)
 class Batch:
-    """The open batch: chunks first..last appended until a threshold closes it."""
+    """The open batch: chunks first..last appended until a threshold closes it.
+
+    Chunks wait in ``pending`` until ``encode()`` feeds them to the encoder: the
+    batcher calls it once per round, so the compressor gets a few KB per call
+    rather than one request's bytes.
+    """
 
     opened: float
     first: int
     max_bytes: int
     max_payloads: int
-    parts: list[bytes] = field(default_factory=list)
+    compression: str
+    encoder: Encoder = field(init=False)
+    pending: list[bytes] = field(default_factory=list)
+    chunks: int = 0
     nbytes: int = 0
     payloads: int = 0
     last: float = 0.0
 
+    def __post_init__(self) -> None:
+        self.encoder = Encoder(self.compression)
+
     def add(self, chunk: bytes, now: float) -> None:
-        self.parts.append(chunk)
+        self.pending.append(chunk)
+        self.chunks += 1
         self.nbytes += len(chunk)
         self.payloads += chunk.count(b"\n")
         self.last = now
+
+    def encode(self) -> None:
+        if self.pending:
+            self.encoder.feed(b"".join(self.pending))
+            self.pending = []
 
     @property
     def full(self) -> bool:
         return self.nbytes >= self.max_bytes or self.payloads >= self.max_payloads
 
-    def close(self, keys: KeyMaker, compression: str) -> Upload:
-        seqs = range(self.first, self.first + len(self.parts))
+    def close(self, keys: KeyMaker) -> Upload:
+        self.encode()
+        body, sha256, content_md5 = self.encoder.finish()
+        seqs = range(self.first, self.first + self.chunks)
+        compression = self.compression
         return Upload(
             key=keys.batch(self.opened, seqs.start, seqs.stop - 1, EXTENSIONS[compression]),
-            parts=self.parts,
+            parts=[],
             raw_size=self.nbytes,
             payloads=self.payloads,
             first=self.opened,
@@ -157,6 +206,9 @@ class Batch:
             seqs=seqs,
             marker=seqs.start,
             compression=compression,
+            body=body,
+            sha256=sha256,
+            content_md5=content_md5,
         )
 
 

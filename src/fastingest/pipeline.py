@@ -2,10 +2,11 @@
 
     submit()  ->  spool: append the chunk (fsynced by group commit)    [ack durable]
               ->  intake: RingQueue of NDJSON chunks (bounded by count and bytes)
-              ->  batcher task: chunks -> open Batch -> Upload  (or one Upload per payload)
-                  a closing batch is recorded in the spool before its upload
+              ->  batcher task: chunks -> open Batch (compressed as it grows) -> Upload
+                  (or one Upload per payload); a closing batch is recorded in the spool
+                  before its upload
               ->  jobs: RingQueue of Upload (one slot per worker: backpressure to the batcher)
-              ->  WorkerPool: seal (compress, in a thread) -> sink.put with retries
+              ->  WorkerPool: sink.put with retries
               ->  sink, or the dead-letter directory after the last attempt   [ack uploaded]
               ->  spool: chunks stored, segments freed
 
@@ -37,7 +38,6 @@ from fastingest.batching import (
     Batch,
     KeyMaker,
     Upload,
-    compressor,
     per_payload,
 )
 from fastingest.config import Settings, usable_cpus
@@ -53,11 +53,8 @@ log = logging.getLogger("fastingest.pipeline")
 DRAIN_CHUNKS = 1024  # chunks the batcher takes from the intake per round
 JOBS_WAITING = 4  # closed batches queued for the upload workers
 SEAL_IN_THREAD_BYTES = 64 * 1024  # smaller bodies compress faster than a thread hop
-# Added niceness of the compression threads. On a busy core CFS gives a nice-4 thread
-# about a quarter of the time a nice-0 one gets: enough to compress what the event loop
-# takes in at 10 payloads per request (nice 10, a tenth, was not: the intake filled and
-# a third of the requests got 503), while a batch being compressed still yields the
-# core to the event loop.
+# Added niceness of the threads that seal replayed batches at start-up, so that they
+# leave most of a shared core to the event loop.
 SEAL_NICE = 4
 MARKER_RETRY = 0.5  # seconds between tries to record a closing batch on a failing disk
 
@@ -74,14 +71,12 @@ class Pipeline:
         self.sink = sink
         self.spool = Spool(settings.spool_path, settings.spool_max_bytes)
         self.per_payload = settings.mode == "per-payload"
-        self.compress = compressor("none" if self.per_payload else settings.compression)
         self.intake: RingQueue[bytes] = RingQueue(settings.max_queue, settings.max_queue_bytes)
         # A few closed batches waiting for a worker keep the workers busy; more would only
         # hold memory (each is up to --batch-max-bytes) while the sink is slow.
         self.jobs: RingQueue[Upload] = RingQueue(min(settings.max_workers, JOBS_WAITING))
-        # Compression runs here, one thread per CPU: zlib drops the GIL, and a bounded
-        # pool bounds how many uncompressed copies exist at once. At a lower priority
-        # (SEAL_NICE), so the event loop keeps most of a core shared with compression.
+        # Batches come sealed from the batcher; what a spool replay rebuilds is sealed
+        # here, one thread per CPU (zlib and zstd drop the GIL), at a lower priority.
         self._sealer = ThreadPoolExecutor(
             usable_cpus(), thread_name_prefix="fastingest-seal", initializer=_lower_priority
         )
@@ -262,7 +257,7 @@ class Pipeline:
                 self._handoff += uploads
                 continue
             if self._open is None:
-                self._open = Batch(now, seq, s.batch_max_bytes, s.batch_max_payloads)
+                self._open = Batch(now, seq, s.batch_max_bytes, s.batch_max_payloads, s.compression)
                 self._open_deadline = time.monotonic() + s.batch_max_age
             before = self._open.payloads
             self._open.add(chunk, now)
@@ -270,11 +265,13 @@ class Pipeline:
             self._open_waiters += seq in self._upload_waiters
             if self._open.full:
                 self._close_open()
+        if self._open is not None:
+            self._open.encode()
 
     def _close_open(self) -> None:
         if self._open is not None and self._open.payloads:
             assert self.keys is not None
-            self._handoff.append(self._open.close(self.keys, self.settings.compression))
+            self._handoff.append(self._open.close(self.keys))
             metrics.BATCHES_CLOSED.inc()
         self._open = None
         self._open_waiters = 0
@@ -308,11 +305,11 @@ class Pipeline:
         attempt = 0
         started = time.monotonic()
         try:
-            if upload.raw_size > SEAL_IN_THREAD_BYTES:
-                loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self._sealer, upload.seal, self.compress)
-            else:
-                upload.seal(self.compress)
+            if not upload.body:  # a batch comes sealed from the batcher
+                if upload.raw_size > SEAL_IN_THREAD_BYTES:
+                    await asyncio.get_running_loop().run_in_executor(self._sealer, upload.seal)
+                else:
+                    upload.seal()
             while True:
                 attempt += 1
                 try:
@@ -348,8 +345,7 @@ class Pipeline:
         self._done(upload, True)
 
     def _give_up(self, upload: Upload, exc: BaseException | str, attempts: int) -> None:
-        if not upload.body:
-            upload.seal(self.compress)
+        upload.seal()
         self.dead_letter.store(upload, exc, attempts)
         self._in_flight.pop(id(upload), None)
         self._done(upload, False)
