@@ -128,6 +128,7 @@ def test_segments_are_freed_once_everything_in_them_is_stored(tmp_path):
         segments = sorted(tmp_path.glob("seg-*.log"))
         assert len(segments) >= 3
         spool.stored(range(0, 30))
+        await spool.unlinked()  # deleted in a thread
         left = sorted(tmp_path.glob("seg-*.log"))
         assert len(left) < len(segments)
         spool.stored(range(30, 60))
@@ -171,9 +172,11 @@ def test_a_marker_keeps_its_segment_until_the_batch_is_stored(tmp_path):
         await spool.wait(spool.append(BATCH, 0, 0.0, marker))
         await fill(spool, [b'{"b":2}\n'] * 8, start=5)  # rolls past the marker's segment
         spool.stored(range(0, 5))  # data stored, marker not yet
-        names = {p.name for p in tmp_path.glob("seg-*.log")}
+        first = tmp_path / "seg-00000001-000001.log"  # holds the marker
+        assert first.exists()
         spool.stored([], marker=0)
-        assert {p.name for p in tmp_path.glob("seg-*.log")} < names
+        await spool.unlinked()
+        assert not first.exists()
         await spool.close()
 
     run(main())
@@ -272,3 +275,24 @@ def test_write_failure_fails_the_waiters_and_recovers(tmp_path, monkeypatch):
     run(main())
     spool = Spool(tmp_path, 1 << 30)
     assert [r.seq for r in spool.open()] == [1]  # the failed record left nothing behind
+
+
+def test_a_segment_stored_while_it_rolls_is_still_deleted(tmp_path):
+    """The next segment starts in a thread; what was stored meanwhile must not linger."""
+
+    async def main():
+        spool = Spool(tmp_path, 1 << 30, segment_bytes=300)
+        spool.open()
+        first = spool.segments[-1].path
+        seqs = range(12)  # ~45 bytes each: one flush fills the segment and rolls it
+        for seq in seqs:
+            ticket = spool.append(DATA, seq, 0.0, b'{"i":1,"pad":"xxxxxxx"}\n')
+        spool.stored(seqs)  # stored before the flusher wrote (or rolled) anything
+        await spool.wait(ticket)  # answered before the roll
+        await spool.wait(spool.append(DATA, 12, 0.0, b"{}\n"))  # flushed after it
+        assert len(spool.segments) == 1 and spool.segments[0].path != first
+        await spool.unlinked()
+        assert not first.exists()
+        await spool.close()
+
+    run(main())
