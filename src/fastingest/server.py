@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 
@@ -87,6 +88,10 @@ async def _serve_until(stop: asyncio.Event, settings: Settings) -> None:
         settings.max_workers,
         settings.http,
     )
+    # What start-up made (modules, botocore's service models, the spool replay's records)
+    # lives as long as the process: a full collection walking it held the event loop for
+    # 54 ms under load, with every request in flight waiting. Leave it out of collections.
+    gc.freeze()
     gauges = loop.create_task(_refresh_gauges(pipeline, stop))
     await stop.wait()
     await gauges
