@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from fastingest.spool import BATCH, DATA, LAST_SEQ, Spool, SpoolError, frame
+from fastingest.spool import BATCH, DATA, LAST_SEQ, Spool, SpoolError, _new_segment, frame
 
 
 def run(coro):
@@ -296,3 +296,16 @@ def test_a_segment_stored_while_it_rolls_is_still_deleted(tmp_path):
         await spool.close()
 
     run(main())
+
+
+def test_a_segment_that_cannot_be_started_leaves_no_file(tmp_path, monkeypatch):
+    """A headless segment file would be reported as damaged at the next start."""
+
+    def failing_fsync(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    path = tmp_path / "seg-00000001-000002.log"
+    with pytest.raises(OSError):
+        _new_segment(path, 1)
+    assert not path.exists()

@@ -53,8 +53,9 @@ log = logging.getLogger("fastingest.pipeline")
 DRAIN_CHUNKS = 1024  # chunks the batcher takes from the intake per round
 JOBS_WAITING = 4  # closed batches queued for the upload workers
 SEAL_IN_THREAD_BYTES = 64 * 1024  # smaller bodies compress faster than a thread hop
-# Added niceness of the threads that seal replayed batches at start-up, so that they
-# leave most of a shared core to the event loop.
+# Added niceness of the threads that seal what the batcher did not (batches rebuilt by a
+# spool replay, large per-payload objects), so that they leave most of a shared core to
+# the event loop.
 SEAL_NICE = 4
 MARKER_RETRY = 0.5  # seconds between tries to record a closing batch on a failing disk
 

@@ -492,6 +492,8 @@ def _new_segment(path: Path, epoch: int) -> int:
         _fsync_dir(path.parent)
     except OSError:
         os.close(fd)
+        with contextlib.suppress(OSError):  # a headless file would read as damaged at start
+            path.unlink()
         raise
     return fd
 
