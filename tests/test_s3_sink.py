@@ -9,7 +9,7 @@ import pytest
 import zstandard
 
 from fastingest.batching import Batch, KeyMaker
-from fastingest.sinks.s3 import S3Sink
+from fastingest.sinks.s3 import YIELD_BEFORE, S3Sink
 from support import S3Proxy
 
 pytestmark = pytest.mark.timeout(60)
@@ -48,3 +48,43 @@ def test_a_put_carries_content_md5_and_no_second_pass_over_the_body(
     raw = zstandard.ZstdDecompressor().stream_reader(stored["Body"].read()).read()
     assert raw == b"".join(b'{"i":%d}\n' % i for i in range(50))
     assert stored["Metadata"]["fastingest-sha256"] == hashlib.sha256(raw).hexdigest()
+
+
+def test_a_put_lets_the_event_loop_run_while_botocore_builds_it(s3, bucket, s3_env, monkeypatch):
+    """Building and signing a PUT is ~3 ms of CPU: the loop must get turns in between."""
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+    batch = Batch(1700000000.0, 0, 1 << 20, 1000, "zstd")
+    batch.add(b'{"i":1}\n', 1700000000.0)
+    upload = batch.close(KeyMaker("", "ab12", 1, host="h"))
+    turns_before_send: list[int] = []
+
+    async def put() -> None:
+        sink = S3Sink(bucket)
+        await sink.start()
+        turns = 0
+        stop = False
+
+        async def count_turns() -> None:
+            nonlocal turns
+            while not stop:
+                turns += 1
+                await asyncio.sleep(0)
+
+        def at_send(**_: object) -> None:  # just before the request goes on the wire
+            turns_before_send.append(turns)
+
+        sink._client.meta.events.register("before-send.s3.PutObject", at_send)
+        counter = asyncio.ensure_future(count_turns())
+        try:
+            await sink.put(upload)
+            turns = 0
+            await sink.put(upload)  # the second time, with credentials and endpoint cached
+        finally:
+            stop = True
+            await counter
+            await sink.close()
+
+    asyncio.run(put())
+    assert turns_before_send[1] >= len(YIELD_BEFORE)
+    assert s3.get_object(Bucket=bucket, Key=upload.key)["Body"].read() == upload.body

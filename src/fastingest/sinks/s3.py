@@ -28,6 +28,10 @@ THROTTLE_CODES = frozenset(
     {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests"}
 )
 READY_CACHE_SECONDS = 5.0
+# botocore builds, signs and sends a PUT in one go: about 3 ms of event-loop CPU without
+# a pause (measured against moto), which every request in flight would wait out. A
+# yield at each of these hooks cuts it into steps of about 1 ms.
+YIELD_BEFORE = ("before-parameter-build", "before-call", "request-created", "before-send")
 
 
 def classify(exc: BaseException) -> SinkError:
@@ -43,6 +47,10 @@ def classify(exc: BaseException) -> SinkError:
     if isinstance(exc, (BotoCoreError, aiohttp.ClientError, asyncio.TimeoutError, OSError)):
         return SinkError(f"network: {type(exc).__name__}: {exc}", retryable=True, kind="network")
     return SinkError(f"{type(exc).__name__}: {exc}", retryable=False, kind="other")
+
+
+async def _let_others_run(**_: Any) -> None:
+    await asyncio.sleep(0)  # returns None: botocore reads that as "carry on"
 
 
 class S3Sink:
@@ -74,6 +82,8 @@ class S3Sink:
         self._client = await self._stack.enter_async_context(
             get_session().create_client("s3", config=self._config)
         )
+        for event in YIELD_BEFORE:
+            self._client.meta.events.register(f"{event}.s3.PutObject", _let_others_run)
 
     async def put(self, upload: Upload) -> None:
         """Store `upload` once: an object already under its key counts as stored.
