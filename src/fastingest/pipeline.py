@@ -76,8 +76,8 @@ class Pipeline:
         # A few closed batches waiting for a worker keep the workers busy; more would only
         # hold memory (each is up to --batch-max-bytes) while the sink is slow.
         self.jobs: RingQueue[Upload] = RingQueue(min(settings.max_workers, JOBS_WAITING))
-        # Batches come sealed from the batcher; what a spool replay rebuilds is sealed
-        # here, one thread per CPU (zlib and zstd drop the GIL), at a lower priority.
+        # Batches come sealed from the batcher; what it did not seal (see SEAL_NICE) is
+        # sealed here, one thread per CPU (zlib and zstd drop the GIL).
         self._sealer = ThreadPoolExecutor(
             usable_cpus(), thread_name_prefix="fastingest-seal", initializer=_lower_priority
         )

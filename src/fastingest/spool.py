@@ -470,7 +470,7 @@ def stranded(root: Path, processes: int) -> list[tuple[Path, int]]:
 
 
 def _write(fd: int, data: bytes, good_size: int, sync: bool) -> None:
-    """In a worker thread: append `data`, fsync if `sync`; on failure cut the file back."""
+    """Append `data`, fsync if `sync` (then in a thread); on failure cut the file back."""
     try:
         written = 0
         while written < len(data):
