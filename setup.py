@@ -1,7 +1,8 @@
 """Declares the compiled cores; everything else lives in pyproject.toml.
 
 FASTINGEST_NO_EXTENSIONS=1 at build time skips the compiler and ships only the
-pure-Python twins (``fastingest._queue_py``, ``fastingest._split_py``).
+pure-Python twins (``fastingest._queue_py``, ``fastingest._split_py``) and runs
+``fastingest/_protocol.py`` as Python.
 """
 
 import os
@@ -23,6 +24,12 @@ if os.environ.get("FASTINGEST_NO_EXTENSIONS", "") in ("", "0"):
             Extension(
                 "fastingest._split",
                 ["src/fastingest/_split.pyx"],
+                extra_compile_args=["-O2"],
+            ),
+            # Plain Python typed by _protocol.pxd: the file also runs uncompiled.
+            Extension(
+                "fastingest._protocol",
+                ["src/fastingest/_protocol.py"],
                 extra_compile_args=["-O2"],
             ),
         ],

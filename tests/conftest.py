@@ -27,15 +27,24 @@ if _queue_c is not None:
 
 def pytest_configure(config: pytest.Config) -> None:
     # CI must test the compiled core; a silent fallback to the twin would hide a broken build.
-    if os.environ.get("FASTINGEST_REQUIRE_EXTENSIONS") == "1" and _queue_c is None:
+    from fastingest import protocol
+
+    if os.environ.get("FASTINGEST_REQUIRE_EXTENSIONS") == "1" and (
+        _queue_c is None or not protocol.COMPILED
+    ):
         raise pytest.UsageError(
-            "FASTINGEST_REQUIRE_EXTENSIONS=1 but fastingest._queue or _split is not built"
+            "FASTINGEST_REQUIRE_EXTENSIONS=1 but fastingest._queue, _split or _protocol "
+            "is not built"
         )
 
 
-@pytest.fixture(scope="module", params=["lean", "aiohttp"])
+@pytest.fixture(scope="module", params=["lean", "lean-py", "aiohttp"])
 def front(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Runs a server test module against both HTTP front ends (``--http``)."""
+    """Runs a server test module against both HTTP front ends (``--http``).
+
+    ``lean-py`` is the lean front end with ``FASTINGEST_NO_EXTENSIONS=1``: its
+    ``_protocol.py`` run as Python, with the queue's and the splitter's twins.
+    """
     support.FRONT = request.param
     yield request.param
     support.FRONT = "lean"

@@ -20,6 +20,12 @@ import zstandard
 
 LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)/ingest")
 FRONT = "lean"  # the HTTP front end a Server runs; conftest's `front` fixture sets it
+# How each `front` runs: "lean-py" is the lean front end as Python source, no extensions.
+FRONT_ENV = {
+    "lean": {"FASTINGEST_HTTP": "lean"},
+    "lean-py": {"FASTINGEST_HTTP": "lean", "FASTINGEST_NO_EXTENSIONS": "1"},
+    "aiohttp": {"FASTINGEST_HTTP": "aiohttp"},
+}
 
 
 class Server:
@@ -30,7 +36,7 @@ class Server:
     ) -> None:
         clean = {k: v for k, v in os.environ.items() if not k.startswith(("FASTINGEST_", "MAX_"))}
         clean["FASTINGEST_PROCESSES"] = "1"  # one process unless a test asks for more
-        clean["FASTINGEST_HTTP"] = FRONT
+        clean.update(FRONT_ENV[FRONT])
         clean.update(env or {})
         cmd = [sys.executable, "-m", "fastingest", "serve", "--listen", "127.0.0.1:0", *args]
         self.proc = subprocess.Popen(

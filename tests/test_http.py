@@ -178,7 +178,7 @@ def test_chunked_body_over_the_limit_is_refused(server, front):
         pass  # the server answered and closed while we were still sending
     status, headers, answer = read_answer(reader)
     assert status == 413 and json.loads(answer)["error"] == "body_too_large"
-    if front == "lean":  # the rest of the body is not worth reading
+    if front != "aiohttp":  # the rest of the body is not worth reading
         assert headers.get("connection") == "close"
     sock.close()
 
@@ -216,7 +216,7 @@ def test_an_oversized_head_is_refused_and_the_server_keeps_serving(server, front
     sock, reader = connect(server)
     sock.sendall(post(body_of({"never": 1}), "X-Filler: " + "y" * 70_000))
     status, _, answer = read_answer(reader)
-    if front == "lean":
+    if front != "aiohttp":
         assert status == 431 and json.loads(answer)["error"] == "headers_too_large"
     else:  # aiohttp's parser refuses a header line over 8190 bytes with a plain-text 400
         assert status == 400
@@ -230,7 +230,7 @@ def test_malformed_request_line(server, front):
     sock.sendall(b"THIS IS NOT HTTP\r\n\r\n")
     status, _, answer = read_answer(reader)
     assert status == 400
-    if front == "lean":
+    if front != "aiohttp":
         assert json.loads(answer)["error"] == "bad_request"
     sock.close()
 

@@ -343,6 +343,20 @@ def test_health_and_readiness(tmp_path, s3, bucket, s3_env):
     assert missing.stop() == 0
 
 
+def test_the_front_end_runs_the_build_it_says(tmp_path, front):
+    """The `lean-py` runs are the Python source; `lean` is compiled wherever it was built."""
+    from fastingest import protocol
+
+    server = Server(cwd=tmp_path)
+    assert server.stop() == 0
+    expected = {
+        "lean": "lean (compiled)" if protocol.COMPILED else "lean (python)",
+        "lean-py": "lean (python)",
+        "aiohttp": "http aiohttp",
+    }[front]
+    assert expected in server.text
+
+
 @pytest.mark.parametrize("processes", ["1", "2"])
 def test_a_busy_port_is_a_clear_error(tmp_path, processes):
     """Never a traceback, and never a second server silently sharing the port (SO_REUSEPORT)."""

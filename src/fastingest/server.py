@@ -17,7 +17,7 @@ from fastingest import metrics
 from fastingest.config import Settings
 from fastingest.endpoints import Endpoints
 from fastingest.pipeline import Pipeline
-from fastingest.protocol import LeanFront
+from fastingest.protocol import COMPILED, LeanFront
 from fastingest.sinks import Sink, open_sink
 from fastingest.webapp import WebFront
 
@@ -76,6 +76,9 @@ async def _serve_until(stop: asyncio.Event, settings: Settings) -> None:
         await pipeline.stop(settings.shutdown_timeout)
         await sink.close()
         raise SystemExit(f"fastingest: cannot listen on {host}:{port}: {exc}") from None
+    http = settings.http
+    if http == "lean":
+        http += " (compiled)" if COMPILED else " (python)"
     log.info(
         "fastingest%s listening on http://%s:%d/ingest; sink %r, mode %s, ack %s, "
         "%d workers, http %s",
@@ -86,7 +89,7 @@ async def _serve_until(stop: asyncio.Event, settings: Settings) -> None:
         settings.mode,
         settings.ack,
         settings.max_workers,
-        settings.http,
+        http,
     )
     # What start-up made (modules, botocore's service models, the spool replay's records)
     # lives as long as the process: a full collection walking it held the event loop for

@@ -1,6 +1,6 @@
 """The aiohttp front end (``--http aiohttp``): the same endpoints on aiohttp's web layer.
 
-Slower per request than ``protocol.py`` (see bench/README.md), and the reference
+Slower per request than ``_protocol.py`` (see bench/README.md), and the reference
 the lean front end is tested against: every server test runs on both.
 """
 

@@ -1,0 +1,486 @@
+"""The lean front end (``--http lean``, the default): HTTP/1.1 on llhttp, no web framework.
+
+aiohttp's web layer cost about half of the event loop per request (see
+bench/README.md), so ``POST /ingest`` runs on an asyncio Protocol fed by the
+llhttp parser (httptools); the answers come from ``endpoints.py``, the same as
+on aiohttp. What the protocol owes HTTP/1.1:
+
+- keep-alive, and pipelining: answers leave in request order, and reading pauses
+  while ``MAX_PIPELINED`` answers wait (or while the client does not read);
+- chunked bodies (llhttp decodes them), ``Expect: 100-continue`` (answered only
+  once the headers pass the checks that need no body), ``Connection: close``;
+- limits: request head (431), URL (414), body before and after inflation (413);
+- timeouts: an idle keep-alive connection is closed, and a request whose head
+  and body do not arrive in time gets 408 (slow clients hold no slot for ever).
+
+A request refused before its body (auth, ack level, draining) is answered after
+the body is read and dropped, so the connection stays usable; a body over the
+limit, or a refusal of an ``Expect: 100-continue``, is answered at once and the
+connection closed.
+
+This file is compiled by Cython when the package is built: ``_protocol.pxd`` declares
+the three classes as extension types with C fields, which takes about a third off
+the front end's own time per request (bench/README.md). Without a compiler, or with
+``FASTINGEST_NO_EXTENSIONS=1``, it runs as Python; ``protocol.py`` picks. Attributes
+therefore have to be declared in the ``.pxd`` as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import functools
+import logging
+from collections import deque
+from collections.abc import Coroutine
+from http import HTTPStatus
+from typing import Any, cast
+
+import httptools
+
+from fastingest import metrics
+from fastingest.bodies import BodyError
+from fastingest.endpoints import (
+    INGEST_PATH,
+    Answer,
+    Endpoints,
+    error,
+    not_allowed,
+    not_found,
+    refusal,
+    too_large,
+)
+
+log = logging.getLogger("fastingest.protocol")
+
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
+MAX_HEADERS = 100
+MAX_URL_BYTES = 8 * 1024
+MAX_PIPELINED = 32  # answers waiting to be written before the connection stops reading
+TICK_SECONDS = 1.0  # how often the Date header and the timeouts are refreshed
+RENDERED_PER_TICK = 64  # distinct answers kept rendered until the Date changes
+
+ROUTES: dict[str, tuple[str, ...]] = {
+    INGEST_PATH: ("POST",),
+    "/healthz": ("GET", "HEAD"),
+    "/readyz": ("GET", "HEAD"),
+    "/metrics": ("GET", "HEAD"),
+}
+STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+Pending = Answer | Coroutine[Any, Any, Answer]
+
+
+class _Refuse(Exception):
+    """Raised from a parser callback: answer this, then close the connection."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+
+
+class _Slot:
+    """One request's place in the connection's answer order."""
+
+    __slots__ = ("answer", "head", "keep_alive", "route")
+
+    def __init__(self, route: str, keep_alive: bool, head: bool) -> None:
+        self.answer: Answer | None = None
+        self.route = route
+        self.keep_alive = keep_alive
+        self.head = head
+
+
+class LeanFront:
+    """Listens, keeps the connections, refreshes the Date header and enforces timeouts."""
+
+    def __init__(
+        self,
+        endpoints: Endpoints,
+        *,
+        keepalive_timeout: float,
+        request_timeout: float,
+        grace: float,
+    ) -> None:
+        self.endpoints = endpoints
+        self.grace = grace  # seconds in-flight requests get to finish at close()
+        self.keepalive_timeout = keepalive_timeout
+        self.request_timeout = request_timeout
+        self.connections: set[Connection] = set()
+        self.draining = False
+        self.date = b""
+        self._server: asyncio.Server | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._counters: dict[tuple[str, int], Any] = {}
+        self._outbox: list[Connection] = []
+        self._rendered: dict[tuple[Answer, bool, bool], bytes] = {}
+
+    async def start(self, host: str, port: int, *, reuse_port: bool) -> int:
+        """Listen (OSError if the address is taken); returns the bound port."""
+        loop = asyncio.get_running_loop()
+        self._stamp()
+        self._server = await loop.create_server(
+            lambda: cast(asyncio.Protocol, Connection(self)),
+            host,
+            port,
+            backlog=1024,
+            reuse_port=reuse_port,
+        )
+        self._ticker = loop.create_task(self._tick(), name="fastingest-http-tick")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        """Stop listening, close idle connections, let busy ones answer, then cut the rest."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close_if_idle()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.grace
+        while self.connections and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def outbox(self, conn: Connection) -> None:
+        """Write `conn`'s answers at the end of this loop turn, with everyone else's.
+
+        One burst of writes per turn, not one write per answer as it is made: on a
+        VM the wake-up of an idle reader costs more than the write itself, and a
+        burst pays it once. Pipelined answers leave in a single write.
+        """
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._send_all)
+        self._outbox.append(conn)
+
+    def _send_all(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        for conn in outbox:
+            conn.send_now()
+
+    def count(self, route: str, status: int) -> None:
+        counter = self._counters.get((route, status))
+        if counter is None:  # labels() takes a lock and formats: once per (route, status)
+            counter = self._counters[(route, status)] = metrics.REQUESTS.labels(route, str(status))
+        metrics.add(counter)
+
+    def render(self, answer: Answer, keep_alive: bool, head: bool) -> bytes:
+        """The answer's bytes on the wire; the few common ones are rendered once per tick."""
+        key = (answer, keep_alive, head)
+        data = self._rendered.get(key)
+        if data is not None:
+            return data
+        body = answer.body
+        parts = [
+            STATUS_LINES[answer.status],
+            b"Content-Type: ",
+            answer.content_type.encode(),
+            b"\r\nContent-Length: ",
+            str(len(body)).encode(),
+            b"\r\n",
+            self.date,
+        ]
+        for name, value in answer.headers:
+            parts += (name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n")
+        if not keep_alive:
+            parts.append(b"Connection: close\r\n")
+        parts.append(b"\r\n")
+        if not head:
+            parts.append(body)
+        data = b"".join(parts)
+        if len(self._rendered) < RENDERED_PER_TICK:
+            self._rendered[key] = data
+        return data
+
+    def _stamp(self) -> None:
+        self.date = b"Date: " + email.utils.formatdate(usegmt=True).encode() + b"\r\n"
+        self._rendered.clear()  # they carry the old Date
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            self._stamp()
+            now = loop.time()
+            for conn in list(self.connections):
+                conn.expire(now)
+
+
+class Connection:
+    """One client connection: parse requests, route them, write answers in order."""
+
+    def __init__(self, front: LeanFront) -> None:
+        self.front = front
+        self.endpoints = front.endpoints
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.answers: deque[_Slot] = deque()
+        self.deadline = 0.0  # idle: keep-alive timeout; mid-request: request timeout
+        self._paused: set[str] = set()  # why reading is paused: "pipeline", "writing"
+        self._done = False  # refused or failed: parse nothing more
+        self._closing = False  # close once what is queued in _out is written
+        self._out: list[bytes] = []  # answers for this loop turn's write
+        self._in_head = True  # before a request's headers are complete
+        self._head_bytes = 0  # received while the head was incomplete: bounds llhttp's buffer
+        self._mid_request = False  # between a request's first byte and its end
+        self._reset()
+
+    def _reset(self) -> None:
+        self._url = b""
+        self._head_size = 0  # request line and headers, as parsed
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._route = ""
+        self._refused: Answer | None = None  # answered once its body has been read and dropped
+        self._ack = ""
+        self._head = False
+
+    # --- asyncio.Protocol ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.front.connections.add(self)
+        self.deadline = self.loop.time() + self.front.keepalive_timeout
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.front.connections.discard(self)
+        self.transport = None
+        self._done = True
+        # The parser and this protocol refer to each other: free the request now, not at
+        # the next cyclic GC, which large bodies alone do not trigger.
+        self._reset()
+
+    def pause_writing(self) -> None:  # the client is not reading its answers
+        self._pause("writing")
+
+    def resume_writing(self) -> None:
+        self._resume("writing")
+
+    def data_received(self, data: bytes) -> None:
+        if self._done:
+            return
+        if self._in_head:
+            self._head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Refuse):
+                self._refuse(cause.answer)
+            else:
+                log.error("HTTP callback failed", exc_info=cause)
+                self._refuse(error(500, "internal_error", "the server failed on this request"))
+            return
+        except httptools.HttpParserUpgrade:
+            # No protocol switch here: the request before it was answered, then close.
+            self._refuse(None)
+            return
+        except httptools.HttpParserError as exc:
+            self._refuse(error(400, "bad_request", f"malformed HTTP request: {exc}"))
+            return
+        if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
+            self._refuse(error(431, "headers_too_large", f"request head over {MAX_HEAD_BYTES}"))
+
+    # --- llhttp callbacks -----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reset()
+        self._mid_request = True
+        self.deadline = self.loop.time() + self.front.request_timeout
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_size += len(url)
+        if len(self._url) > MAX_URL_BYTES:
+            raise _Refuse(error(414, "url_too_long", f"URL over {MAX_URL_BYTES} bytes"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self._headers
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > MAX_HEAD_BYTES:
+            raise _Refuse(error(431, "headers_too_large", f"request head over {MAX_HEAD_BYTES}"))
+        if len(headers) >= MAX_HEADERS:
+            raise _Refuse(error(431, "headers_too_large", f"more than {MAX_HEADERS} headers"))
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        method = self.parser.get_method().decode()
+        url = self._url
+        raw_path = url.partition(b"?")[0] if url[:1] == b"/" else httptools.parse_url(url).path
+        path = raw_path.decode("latin-1")
+        allowed = ROUTES.get(path)
+        self._route = path if allowed else "unmatched"
+        self._head = method == "HEAD"
+        headers = self._headers
+        expect = headers.get("expect")
+        if allowed is None:
+            self._refused = not_found(method, path)
+        elif method not in allowed:
+            self._refused = not_allowed(method, path, ", ".join(allowed))
+        elif path == INGEST_PATH:
+            length = headers.get("content-length")
+            try:
+                self._ack = self.endpoints.check(headers, int(length) if length else None)
+            except BodyError as exc:
+                if exc.status == 413 or expect:  # no point reading a body we cannot take
+                    raise _Refuse(refusal(exc)) from None
+                self._refused = refusal(exc)
+        if expect is not None:
+            if expect.lower() != "100-continue":
+                detail = f"Expect: {expect} is not supported"
+                raise _Refuse(error(417, "expectation_failed", detail))
+            if self._refused is not None:
+                raise _Refuse(self._refused)
+            if self.parser.get_http_version() == "1.1":
+                self._send(CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self.endpoints.max_body_bytes:
+            raise _Refuse(too_large(f"body over {self.endpoints.max_body_bytes} bytes"))
+        if self._refused is None:
+            self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._mid_request = False
+        self.deadline = self.loop.time() + self.front.keepalive_timeout
+        keep_alive = self.parser.should_keep_alive()
+        route = self._route
+        answer: Pending
+        if self._refused is not None:
+            answer = self._refused
+        elif route == INGEST_PATH:
+            body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+            self._body = []  # the only copy is the one the pipeline may keep
+            answer = self.endpoints.ingest(self._headers, body, self._ack)
+        elif route == "/healthz":
+            answer = self.endpoints.health()
+        elif route == "/readyz":
+            answer = self.endpoints.readiness()
+        else:
+            answer = self.endpoints.metrics()
+        self._reply(answer, route, keep_alive, self._head)
+
+    # --- answers, in request order ----------------------------------------------------
+
+    def _reply(self, answer: Pending, route: str, keep_alive: bool, head: bool) -> None:
+        if isinstance(answer, Answer) and not self.answers:  # the fast path: nothing before it
+            self._write(answer, route, keep_alive, head)
+            return
+        slot = _Slot(route, keep_alive, head)
+        self.answers.append(slot)
+        if isinstance(answer, Answer):
+            slot.answer = answer
+        else:
+            task = self.loop.create_task(answer)
+            task.add_done_callback(functools.partial(self._settled, slot))
+        if len(self.answers) >= MAX_PIPELINED:
+            self._pause("pipeline")
+
+    def _settled(self, slot: _Slot, task: asyncio.Task[Answer]) -> None:
+        if task.cancelled():
+            slot.answer = error(503, "shutting_down", "the server stopped before answering")
+        elif (exc := task.exception()) is not None:
+            log.error("unhandled error on %s", slot.route, exc_info=exc)
+            slot.answer = error(500, "internal_error", "the server failed on this request")
+        else:
+            slot.answer = task.result()
+        self._flush()
+
+    def _flush(self) -> None:
+        answers = self.answers
+        while answers and (answer := answers[0].answer) is not None:
+            slot = answers.popleft()
+            self._write(answer, slot.route, slot.keep_alive, slot.head)
+            if self._closing:
+                answers.clear()  # "Connection: close" is on its way: nothing may follow it
+                return
+        if len(answers) < MAX_PIPELINED // 2:
+            self._resume("pipeline")
+
+    def _write(self, answer: Answer, route: str, keep_alive: bool, head: bool) -> None:
+        front = self.front
+        front.count(route, answer.status)
+        if self.transport is None:  # the client left; what it sent was still taken
+            return
+        keep_alive = keep_alive and not front.draining
+        self._send(front.render(answer, keep_alive, head))
+        if not keep_alive:
+            self._close()
+
+    def _send(self, data: bytes) -> None:
+        if not self._out:
+            self.front.outbox(self)
+        self._out.append(data)
+
+    def send_now(self) -> None:
+        """Called by the front once per loop turn: one write for everything queued."""
+        out, self._out = self._out, []
+        if self.transport is None:
+            return
+        self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if self._closing:
+            self.transport.close()
+
+    # --- ending -------------------------------------------------------------------------
+
+    def _refuse(self, answer: Answer | None) -> None:
+        """Parse nothing more; answer what came before, then `answer`, then close."""
+        self._done = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+        if answer is not None:
+            slot = _Slot(self._route or "unmatched", False, False)
+            slot.answer = answer
+            self.answers.append(slot)
+        elif not self.answers:
+            self._close()
+            return
+        else:
+            self.answers[-1].keep_alive = False
+        self._flush()
+
+    def _close(self) -> None:
+        self._done = self._closing = True
+        if self.transport is not None and not self._out:  # else send_now() closes
+            self.transport.close()
+
+    def close_if_idle(self) -> None:
+        if not self._mid_request and not self._head_bytes and not self.answers:
+            self._close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def expire(self, now: float) -> None:
+        if self.answers or now < self.deadline:  # waiting on the pipeline is not the client
+            return
+        if not self._mid_request and not self._head_bytes:
+            self._close()  # idle keep-alive connection
+        else:
+            timeout = self.front.request_timeout
+            self._refuse(error(408, "request_timeout", f"request not received within {timeout:g}s"))
+
+    def _pause(self, reason: str) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        if reason in self._paused:
+            self._paused.discard(reason)
+            if not self._paused and not self._done and self.transport is not None:
+                self.transport.resume_reading()
