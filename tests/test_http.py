@@ -1,4 +1,4 @@
-"""HTTP/1.1 on raw sockets, against both front ends: what a hand-written protocol must get right.
+"""HTTP/1.1 on raw sockets, on every front end: what a hand-written protocol must get right.
 
 keep-alive, pipelining, chunked bodies, Expect: 100-continue, head and body limits,
 idle and slow-client timeouts, HTTP/1.0, HEAD. Every payload a 202 took is

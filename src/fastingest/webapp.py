@@ -1,7 +1,8 @@
 """The aiohttp front end (``--http aiohttp``): the same endpoints on aiohttp's web layer.
 
 Slower per request than ``_protocol.py`` (see bench/README.md), and the reference
-the lean front end is tested against: every server test runs on both.
+the lean front end is tested against: every server test runs on both (the lean one
+compiled and as Python).
 """
 
 from __future__ import annotations
