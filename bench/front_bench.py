@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -36,13 +34,13 @@ from typing import Any
 
 import orjson
 
+from bench import write_results
 from fastingest import protocol
 from fastingest.config import Settings
 from fastingest.endpoints import Endpoints, _accepted
 from fastingest.pipeline import Pipeline
 from fastingest.sinks import open_sink
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CONNECTIONS = 64
 
 
@@ -195,19 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                 "runs": {b: samples[(case, n, b)] for b in builds},
             }
         )
-    RESULTS.mkdir(exist_ok=True)
-    out = args.out or RESULTS / f"front_bench-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    meta = {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "python": sys.version.split()[0],
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "affinity": sorted(os.sched_getaffinity(0)),
-        "rounds": args.rounds,
-        "reps": args.reps,
-        "connections": CONNECTIONS,
-    }
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    meta = {"rounds": args.rounds, "reps": args.reps, "connections": CONNECTIONS}
+    out = write_results("front_bench", args.out, meta, results=results)
     print(f"\nwrote {out}")
     return 0
 

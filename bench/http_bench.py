@@ -33,8 +33,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bench import write_results
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 DEFAULT_ANCHORS = ROOT.parent / "shared" / "anchors"
 
 
@@ -452,17 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     lost = [r for rs in runs.values() for r in rs if r.landed is not None and r.landed < r.acked]
     for r in lost:
         print(f"LOST: {r.name} N={r.n} landed {r.landed} of {r.acked} acknowledged")
-    RESULTS.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    out = args.out or RESULTS / f"http_bench-{args.case}-{stamp}.json"
-    meta = {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "cpus": os.cpu_count(),
-        "args": {k: str(v) for k, v in vars(args).items()},
-    }
+    meta = {"args": {k: str(v) for k, v in vars(args).items()}}
     every = [asdict(r) for rs in runs.values() for r in rs]
-    body = {"meta": meta, "results": [asdict(r) for r in results], "runs": every}
-    out.write_text(json.dumps(body, indent=2))
+    rows = [asdict(r) for r in results]
+    out = write_results(f"http_bench-{args.case}", args.out, meta, results=rows, runs=every)
     chart(results, out.with_suffix(".png"))
     print(f"\nwrote {out} and {out.with_suffix('.png').name}")
     return 0

@@ -13,9 +13,7 @@ import argparse
 import asyncio
 import collections
 import gc
-import json
 import os
-import platform
 import queue
 import random
 import statistics
@@ -25,6 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench import write_results
 from fastingest import _queue_py
 
 try:
@@ -32,7 +31,6 @@ try:
 except ImportError:  # pragma: no cover
     sys.exit("fastingest._queue is not built: pip install . first")
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 64
 MAXSIZE = 10_000
 
@@ -223,18 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"  {case}: {ratio:.2f}x {baseline} (target >= {want}x) {'met' if ok else 'MISSED'}")
 
-    RESULTS.mkdir(exist_ok=True)
-    out = args.out or RESULTS / f"queue_bench-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    meta = {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "python": sys.version.split()[0],
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "affinity": sorted(os.sched_getaffinity(0)),
-        "pairs": args.pairs,
-        "reps": args.reps,
-    }
-    out.write_text(json.dumps({"meta": meta, "results": results, "targets": verdicts}, indent=2))
+    meta = {"pairs": args.pairs, "reps": args.reps}
+    out = write_results("queue_bench", args.out, meta, results=results, targets=verdicts)
     print(f"\nwrote {out}")
     return 0
 
