@@ -19,7 +19,7 @@ limit, or a refusal of an ``Expect: 100-continue``, is answered at once and the
 connection closed.
 
 This file is compiled by Cython when the package is built: ``_protocol.pxd`` declares
-the three classes as extension types with C fields, which takes about a third off
+the three classes as extension types with C fields, which takes over a fifth off
 the front end's own time per request (bench/README.md). Without a compiler, or with
 ``FASTINGEST_NO_EXTENSIONS=1``, it runs as Python; ``protocol.py`` picks. Attributes
 therefore have to be declared in the ``.pxd`` as well.
