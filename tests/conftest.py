@@ -40,7 +40,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="module", params=["lean", "lean-py", "aiohttp"])
 def front(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Runs a server test module against both HTTP front ends (``--http``).
+    """Runs a server test module on each front end: lean compiled, lean as Python, aiohttp.
 
     ``lean-py`` is the lean front end with ``FASTINGEST_NO_EXTENSIONS=1``: its
     ``_protocol.py`` run as Python, with the queue's and the splitter's twins.
