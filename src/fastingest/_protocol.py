@@ -19,8 +19,8 @@ limit, or a refusal of an ``Expect: 100-continue``, is answered at once and the
 connection closed.
 
 This file is compiled by Cython when the package is built: ``_protocol.pxd`` declares
-the three classes as extension types with C fields, which takes over a fifth off
-the front end's own time per request (bench/README.md). Without a compiler, or with
+the three classes as extension types with C fields, which takes an eighth to a
+quarter off the front end's own time per request (bench/README.md). Without a compiler, or with
 ``FASTINGEST_NO_EXTENSIONS=1``, it runs as Python; ``protocol.py`` picks. Attributes
 therefore have to be declared in the ``.pxd`` as well.
 """
