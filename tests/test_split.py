@@ -214,3 +214,20 @@ def test_tightest_packing_fits_the_output_buffer(split, body):
     # "{}," is the densest payload: the chunk must still fit in the body's length + 1.
     chunk, count, _ = split(body)
     assert count == body.count(b"{") and chunk.count(b"\n") == count
+
+
+@pytest.mark.parametrize("split", SPLITTERS)
+@pytest.mark.parametrize("at", range(10))
+def test_every_byte_of_a_string_is_checked_wherever_it_falls(split, at):
+    # The compiled twin skips plain bytes four at a time: whatever is not plain must stop
+    # the skip at any offset in the run, and a string cut off must not run past the body.
+    def body(piece: bytes) -> bytes:
+        return b'[{"a":"' + b"x" * at + piece + b"y" * (9 - at) + b'"}]'
+
+    for bad in (b"\x00", b"\x1f", b"\x80", b"\xc3", b"\xff", b"\\x", b"\\u12"):
+        assert split(body(bad)) is None, bad
+    for good in (b"\x7f", b'\\"', b"\\\\", b"\\u00e9", "é".encode(), "😀".encode()):
+        got = split(body(good))
+        assert got is not None, good
+        _agrees_with_orjson(body(good), got)
+    assert split(b'[{"a":"' + b"x" * at) is None

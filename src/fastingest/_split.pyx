@@ -47,12 +47,33 @@ cdef inline bint _cont(cstr s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
     return i < n and 0x80 <= s[i] <= 0xBF
 
 
+# 1 for a byte a string holds as it is: printable ASCII but the quote and the backslash.
+# Nearly every byte of a payload's strings is one, so _string skips runs of them four at
+# a time before it looks at a byte closely (N=10 bodies: 7.4 -> 4.8 us, bench/README.md).
+cdef unsigned char _PLAIN[256]
+
+
+cdef void _fill_plain() noexcept:
+    cdef int c
+    for c in range(256):
+        _PLAIN[c] = 0x20 <= c < 0x80 and c != 0x22 and c != 0x5C
+
+
+_fill_plain()
+
+
 cdef Py_ssize_t _string(cstr s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
     """The end of the string at s[i] (past its closing quote); -1 for None."""
     cdef unsigned char c
     cdef int k, h, v
     i += 1
     while i < n:
+        while i + 4 <= n and _PLAIN[s[i]] & _PLAIN[s[i + 1]] & _PLAIN[s[i + 2]] & _PLAIN[s[i + 3]]:
+            i += 4
+        while i < n and _PLAIN[s[i]]:
+            i += 1
+        if i >= n:
+            return -1
         c = s[i]
         if c == 0x22:  # "
             return i + 1
@@ -77,10 +98,8 @@ cdef Py_ssize_t _string(cstr s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
                 i += 2
             else:
                 return -1
-        elif c < 0x20:
+        elif c < 0x80:  # a control character (the rest of ASCII is plain)
             return -1
-        elif c < 0x80:
-            i += 1
         # UTF-8, well-formed as Unicode's table 3-7 has it: no overlongs, no surrogates.
         elif 0xC2 <= c <= 0xDF:
             if not _cont(s, i + 1, n):
