@@ -34,10 +34,10 @@ def test_a_batch_encoded_round_by_round_seals_to_exactly_its_chunks(compression)
     chunks = [chunk(i) for i in range(3000)]
     for start in range(0, len(chunks), 64):  # as the batcher does: one encode() per round
         for i, c in enumerate(chunks[start : start + 64]):
-            batch.add(c, T0 + start + i)
+            batch.add(c, 20, T0 + start + i)
         batch.encode()
         assert batch.pending == []
-    batch.add(b'{"last":1}\n', T0 + 9999)  # left pending: close() encodes it
+    batch.add(b'{"last":1}\n', 1, T0 + 9999)  # left pending: close() encodes it
     upload = batch.close(KEYS)
     raw = b"".join(chunks) + b'{"last":1}\n'
     assert decompress(upload.body, compression) == raw

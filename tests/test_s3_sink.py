@@ -24,7 +24,7 @@ def test_a_put_carries_content_md5_and_no_second_pass_over_the_body(
         monkeypatch.setenv(name, value)  # the sink finds its endpoint the standard way
     batch = Batch(1700000000.0, 0, 1 << 20, 1000, "zstd")
     for i in range(50):
-        batch.add(b'{"i":%d}\n' % i, 1700000000.0 + i)
+        batch.add(b'{"i":%d}\n' % i, 1, 1700000000.0 + i)
     upload = batch.close(KeyMaker("", "ab12", 1, host="h"))
 
     async def put() -> None:
@@ -55,7 +55,7 @@ def test_a_put_lets_the_event_loop_run_while_botocore_builds_it(s3, bucket, s3_e
     for name, value in s3_env.items():
         monkeypatch.setenv(name, value)
     batch = Batch(1700000000.0, 0, 1 << 20, 1000, "zstd")
-    batch.add(b'{"i":1}\n', 1700000000.0)
+    batch.add(b'{"i":1}\n', 1, 1700000000.0)
     upload = batch.close(KeyMaker("", "ab12", 1, host="h"))
     turns_before_send: list[int] = []
 

@@ -10,7 +10,7 @@ import orjson
 import pytest
 import zstandard
 
-from support import Server, landed_dir, landed_s3
+from support import Server, landed_dir, landed_s3, lines_of
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("front")]
 
@@ -99,11 +99,16 @@ def test_local_default_sink_and_batch_thresholds(tmp_path):
         line = orjson.dumps(payload(i))
         assert server.post(line)[0] == 202
         sent[line] += 1
+    for size in (2, 4, 1, 1, 5):  # the threshold counts payloads, not requests
+        items = [payload(100 + len(sent) + j) for j in range(size)]
+        assert server.post(orjson.dumps(items))[0] == 202
+        sent.update(orjson.dumps(item) for item in items)
     assert server.stop() == 0
     root = tmp_path / "fastingest-data" / "objects"
     assert landed_dir(root) == sent
-    objects = [p for p in root.rglob("*.ndjson.zst")]
-    assert len(objects) == 4  # 3 + 3 + 3 + the 1 left at shutdown
+    objects = sorted(root.rglob("*.ndjson.zst"))  # keys name their first chunk: in order
+    sizes = [len(lines_of(p.read_bytes(), p.name)) for p in objects]
+    assert sizes == [3, 3, 3, 1 + 2, 4, 1 + 1 + 5]  # each closes at the first chunk to reach 3
     assert not list(root.rglob(".*tmp*")), "temporary files left behind"
 
 

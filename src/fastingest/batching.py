@@ -174,11 +174,12 @@ class Batch:
     def __post_init__(self) -> None:
         self.encoder = Encoder(self.compression)
 
-    def add(self, chunk: bytes, now: float) -> None:
+    def add(self, chunk: bytes, payloads: int, now: float) -> None:
+        """Append a chunk of `payloads` lines (counted when it was accepted)."""
         self.pending.append(chunk)
         self.chunks += 1
         self.nbytes += len(chunk)
-        self.payloads += chunk.count(b"\n")
+        self.payloads += payloads
         self.last = now
 
     def encode(self) -> None:

@@ -1,7 +1,8 @@
 """The payload's road from an accepted request to the sink.
 
     submit()  ->  spool: append the chunk (fsynced by group commit)    [ack durable]
-              ->  intake: RingQueue of NDJSON chunks (bounded by count and bytes)
+              ->  intake: RingQueue of NDJSON chunks (bounded by count and bytes),
+                  each chunk's payload count in a deque alongside
               ->  batcher task: chunks -> open Batch (compressed as it grows) -> Upload
                   (or one Upload per payload); a closing batch is recorded in the spool
                   before its upload
@@ -73,6 +74,9 @@ class Pipeline:
         self.spool = Spool(settings.spool_path, settings.spool_max_bytes)
         self.per_payload = settings.mode == "per-payload"
         self.intake: RingQueue[bytes] = RingQueue(settings.max_queue, settings.max_queue_bytes)
+        # The payload count of each chunk in the intake, in the same order: known when the
+        # chunk is accepted, so the batcher need not count its lines again.
+        self._counts: deque[int] = deque()
         # A few closed batches waiting for a worker keep the workers busy; more would only
         # hold memory (each is up to --batch-max-bytes) while the sink is slow.
         self.jobs: RingQueue[Upload] = RingQueue(min(settings.max_workers, JOBS_WAITING))
@@ -157,8 +161,10 @@ class Pipeline:
             # Never part of a recorded batch, so never uploaded: take them in again.
             ticket = 0
             for r in requeue:
-                await self.intake.aput(r.body)
                 payloads = r.body.count(b"\n")
+                self._counts.append(payloads)  # first: the batcher may take the chunk at once
+                self._queued_payloads += payloads
+                await self.intake.aput(r.body)
                 ticket = self._spool_data(r.body, payloads)
                 metrics.PAYLOADS_REPLAYED.inc(payloads)
             if requeue:
@@ -189,6 +195,7 @@ class Pipeline:
         """
         self.spool.check(len(chunk))
         self.intake.put_nowait(chunk)
+        self._counts.append(payloads)
         metrics.add(metrics.PAYLOADS_ACCEPTED, payloads)
         self._queued_payloads += payloads
         stored = None
@@ -247,12 +254,14 @@ class Pipeline:
         assert self.keys is not None
         now = time.time()
         s = self.settings
+        counts = self._counts
         for chunk in chunks:
             seq = self._taken_seq
             self._taken_seq += 1
+            payloads = counts.popleft()
+            self._queued_payloads -= payloads
             if self.per_payload:
                 uploads = per_payload(chunk, seq, self.keys, now)
-                self._queued_payloads -= len(uploads)
                 if len(uploads) > 1:
                     self._parts_left[seq] = len(uploads)
                 self._handoff += uploads
@@ -260,9 +269,7 @@ class Pipeline:
             if self._open is None:
                 self._open = Batch(now, seq, s.batch_max_bytes, s.batch_max_payloads, s.compression)
                 self._open_deadline = time.monotonic() + s.batch_max_age
-            before = self._open.payloads
-            self._open.add(chunk, now)
-            self._queued_payloads -= self._open.payloads - before
+            self._open.add(chunk, payloads, now)
             self._open_waiters += seq in self._upload_waiters
             if self._open.full:
                 self._close_open()
