@@ -60,7 +60,7 @@ def body(n: int, seed: int) -> bytes:
             "type": rnd.choice(["page_view", "click", "purchase", "signup"]),
             "user": {"id": rnd.randrange(10**7), "name": word(10), "tags": [word(5), word(6)]},
             "device": {"os": "linux", "ua": f"Mozilla/5.0 ({word(12)}) {word(20)}"},
-            "props": {"url": f"https://example.com/{word(8)}", "score": rnd.random()},
+            "props": {"url": f"https://example.com/{word(8)}", "score": round(rnd.random(), 4)},
             "note": word(rnd.randrange(40, 160)),
         }
         for i in range(n)
