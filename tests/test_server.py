@@ -93,7 +93,8 @@ def test_every_body_form_lands_once_byte_identical(tmp_path, s3, bucket, s3_env,
 
 
 def test_local_default_sink_and_batch_thresholds(tmp_path):
-    server = Server("--batch-max-payloads", "3", cwd=tmp_path)
+    # No age threshold within the test: only the payload count may close a batch.
+    server = Server("--batch-max-payloads", "3", "--batch-max-age", "300", cwd=tmp_path)
     sent: Counter[bytes] = Counter()
     for i in range(10):
         line = orjson.dumps(payload(i))
