@@ -32,7 +32,6 @@ GZIP_LEVEL = 6
 # The ingest tier is CPU-bound: zstd -1 compresses JSON about 12x faster than gzip -6
 # (358 vs 29 MB/s on bench-like payloads), and its objects are no larger.
 ZSTD_LEVEL = 1
-SMALL_FEED = 64 * 1024  # half of zstd's largest block: see _BlockPerFeed
 
 
 class Encoder:
@@ -49,10 +48,7 @@ class Encoder:
         if compression == "zstd":
             import zstandard
 
-            c: Any = _BlockPerFeed(
-                zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj(),
-                zstandard.COMPRESSOBJ_FLUSH_BLOCK,
-            )
+            c: Any = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
         elif compression == "gzip":
             c = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # a gzip member: gunzip reads it
         elif compression == "none":
@@ -80,34 +76,6 @@ class Encoder:
         if out:  # a stream compressor holds its input until it has a block's worth
             self._md5.update(out)
             self._out.append(out)
-
-
-class _BlockPerFeed:
-    """A zstd stream that compresses a small feed at once, as a block of its own.
-
-    Left to itself, zstd holds input until it has a whole 128 KB block, then compresses
-    it in one call: at N=1 (batcher rounds of ~20 KB) that was a 0.4-0.8 ms step on the
-    event loop every sixth round or so, with almost nothing in the rounds between.
-    Ending a block after each small feed makes every such round about 0.1-0.2 ms, for
-    about 0.4 us more CPU a request and objects 1% larger (bench/README.md, session 7).
-    A feed of half a block or more already compresses blocks as it goes, and ending one
-    more after it cost 3-10% more encoder CPU at N=10 for nothing.
-    """
-
-    __slots__ = ("_block", "_c")
-
-    def __init__(self, c: Any, block: int) -> None:
-        self._c = c
-        self._block = block
-
-    def compress(self, raw: bytes) -> bytes:
-        out: bytes = self._c.compress(raw)
-        if len(raw) < SMALL_FEED:
-            out += self._c.flush(self._block)
-        return out
-
-    def flush(self) -> bytes:
-        return self._c.flush()
 
 
 class KeyMaker:
