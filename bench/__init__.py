@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -11,6 +12,19 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(
+    ap: argparse.ArgumentParser, argv: list[str] | None, *, reps: int
+) -> argparse.Namespace:
+    """Add the options every in-process bench has (--reps, --cpu, --out), parse, and pin."""
+    ap.add_argument("--reps", type=int, default=reps, help="runs of each; the median is reported")
+    ap.add_argument("--cpu", default=None, help="pin to these CPUs, e.g. 1 or 0,1")
+    ap.add_argument("--out", type=Path, default=None, help="JSON file (default bench/results/)")
+    args = ap.parse_args(argv)
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {int(c) for c in args.cpu.split(",")})
+    return args
 
 
 def write_results(name: str, out: Path | None, meta: dict[str, Any], **body: Any) -> Path:

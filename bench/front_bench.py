@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import os
 import random
 import statistics
 import sys
@@ -34,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from bench import write_results
+from bench import parse_args, write_results
 from fastingest import protocol
 from fastingest.config import Settings
 from fastingest.endpoints import Endpoints, _accepted
@@ -143,12 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, nargs="+", default=[1, 10], help="payloads per request")
     ap.add_argument("--rounds", type=int, default=1500, help="rounds of 64 requests per run")
-    ap.add_argument("--reps", type=int, default=7, help="runs of each; the median is reported")
-    ap.add_argument("--cpu", default=None, help="pin to these CPUs, e.g. 1")
-    ap.add_argument("--out", type=Path, default=None, help="JSON file (default bench/results/)")
-    args = ap.parse_args(argv)
-    if args.cpu is not None:
-        os.sched_setaffinity(0, {int(c) for c in args.cpu.split(",")})
+    args = parse_args(ap, argv, reps=7)
     if not protocol.COMPILED:
         sys.exit("fastingest._protocol is not compiled here: pip install . first")
     builds = {"compiled": protocol.impl, "python": protocol._source()}

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import collections
 import gc
-import os
 import queue
 import random
 import statistics
@@ -21,9 +20,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from bench import write_results
+from bench import parse_args, write_results
 from fastingest import _queue_py
 
 try:
@@ -175,12 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--pairs", type=int, default=1_000_000, help="items per repetition")
-    ap.add_argument("--reps", type=int, default=5, help="repetitions; the median is reported")
-    ap.add_argument("--cpu", default=None, help="pin to these CPUs, e.g. 1 or 0,1")
-    ap.add_argument("--out", type=Path, default=None, help="JSON file (default bench/results/)")
-    args = ap.parse_args(argv)
-    if args.cpu is not None:
-        os.sched_setaffinity(0, {int(c) for c in args.cpu.split(",")})
+    args = parse_args(ap, argv, reps=5)
 
     table = cases()
     samples: dict[str, dict[str, list[float]]] = {

@@ -19,15 +19,13 @@ give the same chunk for every body, or the run stops. Results go to
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from bench import write_results
+from bench import parse_args, write_results
 from bench.front_bench import body
 from fastingest import _split_py
 from fastingest.bodies import _parse_json
@@ -59,12 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, nargs="+", default=[1, 10, 100], help="payloads per body")
     ap.add_argument("--bodies", type=int, default=500, help="bodies per run")
-    ap.add_argument("--reps", type=int, default=7, help="runs of each; the median is reported")
-    ap.add_argument("--cpu", default=None, help="pin to these CPUs, e.g. 1")
-    ap.add_argument("--out", type=Path, default=None, help="JSON file (default bench/results/)")
-    args = ap.parse_args(argv)
-    if args.cpu is not None:
-        os.sched_setaffinity(0, {int(c) for c in args.cpu.split(",")})
+    args = parse_args(ap, argv, reps=7)
     try:
         from fastingest import _split
     except ImportError:
