@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import http.client
 import json
 import os
@@ -128,15 +129,23 @@ def lines_of(body: bytes, key: str) -> list[bytes]:
 
 
 def landed_s3(s3: Any, bucket: str) -> tuple[Counter[bytes], list[dict[str, Any]]]:
-    """Every payload in the bucket (as bytes, counted) and every object's metadata."""
+    """Every payload in the bucket (as bytes, counted), and each object's metadata and hash."""
     payloads: Counter[bytes] = Counter()
     objects = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for entry in page.get("Contents", []):
             obj = s3.get_object(Bucket=bucket, Key=entry["Key"])
-            lines = lines_of(obj["Body"].read(), entry["Key"])
+            body = obj["Body"].read()
+            lines = lines_of(body, entry["Key"])
             payloads.update(lines)
-            objects.append({"key": entry["Key"], "metadata": obj["Metadata"], "count": len(lines)})
+            objects.append(
+                {
+                    "key": entry["Key"],
+                    "metadata": obj["Metadata"],
+                    "count": len(lines),
+                    "sha256": hashlib.sha256(body).hexdigest(),
+                }
+            )
     return payloads, objects
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import random
+import zlib
 
 import pytest
 import zstandard
@@ -45,7 +47,7 @@ def test_a_batch_encoded_round_by_round_seals_to_exactly_its_chunks(compression)
     assert upload.payloads == 3000 * 20 + 1
     assert upload.seqs == range(7, 7 + 3001) and upload.marker == 7
     assert upload.first == T0 and upload.last == T0 + 9999
-    assert upload.sha256 == hashlib.sha256(raw).hexdigest()
+    assert upload.sha256 == hashlib.sha256(upload.body).hexdigest()  # what sha256sum says
     assert upload.content_md5 == base64.b64encode(hashlib.md5(upload.body).digest()).decode()
     assert upload.parts == []  # sealed: only the body is held
     if compression != "none":
@@ -62,7 +64,7 @@ def test_encoder_output_is_the_same_whole_or_in_pieces():
     for i in range(0, len(data), 1000):
         pieces.feed(data[i : i + 1000])
     a, b = whole.finish(), pieces.finish()
-    assert a[1:] == b[1:]  # the hashes of the input agree
+    assert a == b  # the same body, so the same hashes
     assert decompress(a[0], "zstd") == decompress(b[0], "zstd") == data
 
 
@@ -70,7 +72,21 @@ def test_an_empty_encoder_is_still_a_valid_object():
     for compression in ("zstd", "gzip"):
         body, sha256, _ = Encoder(compression).finish()
         assert decompress(body, compression) == b""
-        assert sha256 == hashlib.sha256(b"").hexdigest()
+        assert sha256 == hashlib.sha256(body).hexdigest()
+
+
+@pytest.mark.parametrize("compression", ["zstd", "gzip"])
+def test_a_damaged_body_does_not_decompress_to_wrong_ndjson(compression):
+    """The hashes cover the body as stored; the format's own checksum covers the NDJSON."""
+    # Random bytes are stored uncompressed, so a flipped bit in the middle changes the
+    # output and nothing else: only a checksum of the NDJSON can notice.
+    rnd = random.Random(5)
+    encoder = Encoder(compression)
+    encoder.feed(bytes(rnd.getrandbits(8) for _ in range(20000)))
+    body = bytearray(encoder.finish()[0])
+    body[len(body) // 2] ^= 1
+    with pytest.raises((zstandard.ZstdError, gzip.BadGzipFile, zlib.error)):
+        decompress(bytes(body), compression)
 
 
 def test_unknown_compression_is_refused():
