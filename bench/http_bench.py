@@ -26,12 +26,14 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench import write_results
 
@@ -273,7 +275,8 @@ def run_one(
     acked = sum((w["requests"] - w["err_status"]) * n for w in (warm, run))
     landed = None
     if server.counts_landed and server.sink == "s3":
-        landed = moto.landed(bucket)  # type: ignore[union-attr]
+        assert moto is not None and bucket is not None
+        landed = moto.landed(bucket)
     elif server.counts_landed and server.sink == "file":
         landed = landed_in(work / "objects")
     shutil.rmtree(work, ignore_errors=True)
@@ -383,6 +386,58 @@ def chart(results: list[Result], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def pairs(runs: dict[tuple[str, int], list[Result]], quiet: float) -> list[dict[str, Any]]:
+    """The first server's payloads/s over each other's, round by round, with their medians.
+
+    Round k of two servers ran a minute or so apart, so a pair's ratio moves with the
+    host less than a ratio of medians taken from different rounds. ``quiet`` keeps
+    the pairs where neither round lost more than `quiet` % of the CPU to steal: the
+    ratio this code gets on an undisturbed host.
+    """
+    names = list(dict.fromkeys(name for name, _ in runs))
+    out = []
+    for (name, n), theirs in runs.items():
+        mine = runs.get((names[0], n))
+        if name == names[0] or not mine:
+            continue
+        rounds = [
+            {
+                "ratio": a.payloads_s / b.payloads_s,
+                "steal_pct": max(a.steal_pct or 0.0, b.steal_pct or 0.0),
+            }
+            for a, b in zip(mine, theirs, strict=False)
+            if b.payloads_s > 0
+        ]
+        calm = [r["ratio"] for r in rounds if r["steal_pct"] <= quiet]
+        out.append(
+            {
+                "n": n,
+                "over": name,
+                "rounds": rounds,
+                "median": statistics.median(r["ratio"] for r in rounds) if rounds else None,
+                "quiet_median": statistics.median(calm) if calm else None,
+                "quiet_rounds": len(calm),
+            }
+        )
+    return out
+
+
+def pairs_text(found: list[dict[str, Any]], first: str, quiet: float) -> str:
+    lines = [
+        f"\n{first} over each, payloads/s, round by round (the higher steal % of the pair; "
+        f"quiet: no more than {quiet:g}%):"
+    ]
+    for p in found:
+        each = " / ".join(f"{r['ratio']:.2f}x ({r['steal_pct']:.1f})" for r in p["rounds"])
+        calm = "none" if p["quiet_median"] is None else f"{p['quiet_median']:.2f}x"
+        median = "n/a" if p["median"] is None else f"{p['median']:.2f}x"
+        lines.append(
+            f"  N={p['n']}, over {p['over']}: {each}; median {median}, "
+            f"quiet {calm} ({p['quiet_rounds']} of {len(p['rounds'])})"
+        )
+    return "\n".join(lines)
+
+
 def median_run(runs: list[Result]) -> Result:
     """The run with the median req/s (the lower middle one of an even count)."""
     return sorted(runs, key=lambda r: r.req_s)[(len(runs) - 1) // 2]
@@ -408,6 +463,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1,
         help="rounds over every server, interleaved; each row reports its median run",
+    )
+    ap.add_argument(
+        "--quiet-steal",
+        type=float,
+        default=1.0,
+        help="steal %% up to which a pair of rounds counts as quiet in the round-by-round ratios",
     )
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(
@@ -446,17 +507,22 @@ def main(argv: list[str] | None = None) -> int:
     results = [median_run(r) for r in runs.values()]
     print(table(results))
     if args.runs > 1:
-        print("\nreq/s (steal %) of each round (the table shows each row's median round):")
+        print("\nreq/s (steal %, p99 ms) of each round (the table shows each row's median round):")
         for (name, n), rs in runs.items():
-            rounds = " / ".join(f"{r.req_s:,.0f} ({steal_cell(r)})" for r in rs)
+            rounds = " / ".join(f"{r.req_s:,.0f} ({steal_cell(r)}, {r.p99_ms:.2f})" for r in rs)
             print(f"  {name}, N={n}: {rounds}")
+    found = pairs(runs, args.quiet_steal) if args.runs > 1 else []
+    if found:
+        print(pairs_text(found, servers[0].name, args.quiet_steal))
     lost = [r for rs in runs.values() for r in rs if r.landed is not None and r.landed < r.acked]
     for r in lost:
         print(f"LOST: {r.name} N={r.n} landed {r.landed} of {r.acked} acknowledged")
     meta = {"args": {k: str(v) for k, v in vars(args).items()}}
     every = [asdict(r) for rs in runs.values() for r in rs]
     rows = [asdict(r) for r in results]
-    out = write_results(f"http_bench-{args.case}", args.out, meta, results=rows, runs=every)
+    out = write_results(
+        f"http_bench-{args.case}", args.out, meta, results=rows, runs=every, pairs=found
+    )
     chart(results, out.with_suffix(".png"))
     print(f"\nwrote {out} and {out.with_suffix('.png').name}")
     return 0
