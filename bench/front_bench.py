@@ -104,7 +104,7 @@ async def run(impl: ModuleType, case: str, n: int, rounds: int) -> float:
         endpoints = Endpoints(settings, pipeline, asyncio.Event())
         if case == "front":
             answer = _accepted(n, "received")
-            endpoints.ingest = lambda headers, raw, ack: answer  # type: ignore[method-assign]
+            endpoints.ingest = lambda headers, body, ack: answer  # type: ignore[method-assign]
         front = impl.LeanFront(endpoints, keepalive_timeout=60, request_timeout=60, grace=1)
         front._stamp()
         transports = [Transport() for _ in range(CONNECTIONS)]

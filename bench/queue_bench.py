@@ -104,7 +104,8 @@ def batched_ring(make: Callable) -> Callable[[int], float]:
 
 
 def batched_deque(n: int) -> float:
-    d, batch = collections.deque(), list(range(BATCH))
+    d: collections.deque[int] = collections.deque()
+    batch = list(range(BATCH))
     t = time.perf_counter()
     for _ in range(n // BATCH):
         d.extend(batch)
@@ -126,10 +127,12 @@ def batched_items(make: Callable) -> Callable[[int], float]:
 
 
 def cases() -> dict[str, dict[str, Callable[[int], float]]]:
-    ring = RingQueue(MAXSIZE)
-    twin = _queue_py.RingQueue(MAXSIZE)
-    dq = collections.deque()
-    sq, qq, aq = queue.SimpleQueue(), queue.Queue(MAXSIZE), asyncio.Queue(MAXSIZE)
+    ring: RingQueue[int] = RingQueue(MAXSIZE)
+    twin: _queue_py.RingQueue[int] = _queue_py.RingQueue(MAXSIZE)
+    dq: collections.deque[int] = collections.deque()
+    sq: queue.SimpleQueue[int] = queue.SimpleQueue()
+    qq: queue.Queue[int] = queue.Queue(MAXSIZE)
+    aq: asyncio.Queue[int] = asyncio.Queue(MAXSIZE)
     return {
         "a. single thread put/get pairs": {
             "RingQueue": single_thread(ring.put_nowait, ring.get_nowait),
@@ -205,14 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = []
     for prefix, baseline, want in TARGETS:
         case = next(c for c in samples if c.startswith(prefix))
-        ratio = statistics.median(samples[case]["RingQueue"]) / statistics.median(
+        got = statistics.median(samples[case]["RingQueue"]) / statistics.median(
             samples[case][baseline]
         )
-        ok = ratio >= want
+        ok = got >= want
         verdicts.append(
-            {"case": case, "baseline": baseline, "ratio": ratio, "target": want, "met": ok}
+            {"case": case, "baseline": baseline, "ratio": got, "target": want, "met": ok}
         )
-        print(f"  {case}: {ratio:.2f}x {baseline} (target >= {want}x) {'met' if ok else 'MISSED'}")
+        print(f"  {case}: {got:.2f}x {baseline} (target >= {want}x) {'met' if ok else 'MISSED'}")
 
     meta = {"pairs": args.pairs, "reps": args.reps}
     out = write_results("queue_bench", args.out, meta, results=results, targets=verdicts)

@@ -30,7 +30,7 @@ from bench.front_bench import body
 from fastingest import _split_py
 from fastingest.bodies import _parse_json
 
-Split = Callable[[bytes], object]
+Split = Callable[[bytes], bytes | None]
 
 
 def _orjson(raw: bytes) -> bytes:

@@ -18,7 +18,7 @@ try:
     from fastingest import _queue as _queue_c
     from fastingest import _split as _split_c
 except ImportError:  # pragma: no cover - only without a compiler
-    _queue_c = _split_c = None
+    _queue_c = _split_c = None  # type: ignore[assignment]
 
 IMPLS = [pytest.param(_queue_py.RingQueue, id="py")]
 if _queue_c is not None:

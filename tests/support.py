@@ -277,6 +277,7 @@ class S3Proxy:
                 if proxy.mode == "flaky" and self.command == "PUT" and roll < proxy.fail_before:
                     proxy.counts["slowdown"] += 1
                     return self._error(503, "SlowDown")
+                assert up.hostname is not None
                 conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
                 conn.request(self.command, self.path, body=body, headers=headers)

@@ -19,7 +19,7 @@ from fastingest import _split_py
 try:
     from fastingest import _split as _split_c
 except ImportError:  # pragma: no cover - only without a compiler
-    _split_c = None
+    _split_c = None  # type: ignore[assignment]
 
 SPLITTERS = [pytest.param(_split_py.split_payloads, id="py")]
 if _split_c is not None:
