@@ -13,6 +13,9 @@ interleaved rounds and each row shows its median round (every round is in the
 JSON): this host is shared, and one slow minute can halve a single run. Each
 row also says how much CPU time the hypervisor took from this VM while it was
 measured ("steal"): a round with steal is a noisy round, and p99 feels it first.
+The first server's ratio to each other one is also printed round by round (round k
+against round k), with the median of those pairs and of the pairs where neither
+round had more than --quiet-steal % of steal.
 
 --mode pinned: server on CPU 1, wrk on CPU 0. --mode machine: nothing pinned.
 """
