@@ -340,8 +340,17 @@ def cases(args: argparse.Namespace) -> list[Server]:
     return servers
 
 
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def worse(a: float | None, b: float | None) -> float | None:
+    """The higher steal of a pair of rounds; None where either could not be read."""
+    return None if a is None or b is None else max(a, b)
+
+
 def steal_cell(r: Result) -> str:
-    return "n/a" if r.steal_pct is None else f"{r.steal_pct:.1f}"
+    return percent(r.steal_pct)
 
 
 def table(results: list[Result]) -> str:
@@ -395,7 +404,8 @@ def pairs(runs: dict[tuple[str, int], list[Result]], quiet: float) -> list[dict[
     Round k of two servers ran a minute or so apart, so a pair's ratio moves with the
     host less than a ratio of medians taken from different rounds. ``quiet`` keeps
     the pairs where neither round lost more than `quiet` % of the CPU to steal: the
-    ratio this code gets on an undisturbed host.
+    ratio this code gets on an undisturbed host. Where steal cannot be read (not
+    Linux), no pair counts as quiet.
     """
     names = list(dict.fromkeys(name for name, _ in runs))
     out = []
@@ -403,21 +413,20 @@ def pairs(runs: dict[tuple[str, int], list[Result]], quiet: float) -> list[dict[
         mine = runs.get((names[0], n))
         if name == names[0] or not mine:
             continue
-        rounds = [
-            {
-                "ratio": a.payloads_s / b.payloads_s,
-                "steal_pct": max(a.steal_pct or 0.0, b.steal_pct or 0.0),
-            }
+        both = [
+            (a.payloads_s / b.payloads_s, worse(a.steal_pct, b.steal_pct))
             for a, b in zip(mine, theirs, strict=False)
             if b.payloads_s > 0
         ]
-        calm = [r["ratio"] for r in rounds if r["steal_pct"] <= quiet]
+        ratios = [ratio for ratio, _ in both]
+        calm = [ratio for ratio, steal in both if steal is not None and steal <= quiet]
+        rounds = [{"ratio": ratio, "steal_pct": steal} for ratio, steal in both]
         out.append(
             {
                 "n": n,
                 "over": name,
                 "rounds": rounds,
-                "median": statistics.median(r["ratio"] for r in rounds) if rounds else None,
+                "median": statistics.median(ratios) if ratios else None,
                 "quiet_median": statistics.median(calm) if calm else None,
                 "quiet_rounds": len(calm),
             }
@@ -431,7 +440,7 @@ def pairs_text(found: list[dict[str, Any]], first: str, quiet: float) -> str:
         f"quiet: no more than {quiet:g}%):"
     ]
     for p in found:
-        each = " / ".join(f"{r['ratio']:.2f}x ({r['steal_pct']:.1f})" for r in p["rounds"])
+        each = " / ".join(f"{r['ratio']:.2f}x ({percent(r['steal_pct'])})" for r in p["rounds"])
         calm = "none" if p["quiet_median"] is None else f"{p['quiet_median']:.2f}x"
         median = "n/a" if p["median"] is None else f"{p['median']:.2f}x"
         lines.append(
