@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import threading
 import time
@@ -12,7 +13,7 @@ import aiohttp
 import orjson
 import pytest
 
-from support import FakeS3, Server, dead_lettered, landed_s3
+from support import FakeS3, Server, dead_lettered, landed_dir, landed_s3
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("front")]
 
@@ -164,6 +165,21 @@ def test_signal_under_load_loses_nothing_acknowledged(tmp_path, s3, bucket, s3_e
     missing = Counter(acked) - got
     assert not missing, f"{sum(missing.values())} acknowledged payloads were lost"
     assert "dead-lettered 0" in server.text
+
+
+def test_signals_after_the_drain_do_not_change_a_clean_exit(tmp_path):
+    """SIGTERM repeated until the process is gone: each lands somewhere in the drain or the
+    exit after it, and the process must still exit 0 with what it accepted stored."""
+    server = Server(cwd=tmp_path)
+    assert server.post(line(1))[0] == 202
+    server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while server.proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.002)
+    assert server.stop() == 0, server.text
+    assert landed_dir(tmp_path / "fastingest-data" / "objects") == Counter([line(1)])
 
 
 def test_memory_stays_bounded_with_the_queue_full_and_the_sink_stalled(tmp_path, stalled, s3_env):

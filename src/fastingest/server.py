@@ -59,6 +59,10 @@ async def serve(settings: Settings) -> None:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+            # The drain is over and the process only exits from here: a late signal (a
+            # second SIGTERM, a supervisor's resend) would otherwise turn a clean exit 0
+            # into death by that signal.
+            signal.signal(sig, signal.SIG_IGN)
 
 
 async def _serve_until(stop: asyncio.Event, settings: Settings) -> None:
