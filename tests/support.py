@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -239,7 +240,8 @@ class S3Proxy:
     mode "pass": forward everything. "flaky": answer a share of requests 503
     SlowDown without forwarding, and another share 500 *after* moto stored the
     object (the client then retries something that already exists). "down":
-    drop every connection, as a stopped endpoint does.
+    drop every connection, as a stopped endpoint does. `refuse`, where set, sees
+    each PUT's headers and may answer (status, S3 error code) instead of moto.
     """
 
     def __init__(self, upstream: str, fail_before: float = 0.0, fail_after: float = 0.0) -> None:
@@ -251,6 +253,7 @@ class S3Proxy:
         self.fail_before, self.fail_after = fail_before, fail_after
         self.counts: Counter[str] = Counter()
         self.put_headers: list[dict[str, str]] = []  # of every PUT, lower-case names
+        self.refuse: Callable[[dict[str, str]], tuple[int, str] | None] | None = None
         up = urlsplit(upstream)
         proxy = self
         rng = random.Random(1234)
@@ -272,7 +275,12 @@ class S3Proxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 if self.command == "PUT":
-                    proxy.put_headers.append({k.lower(): v for k, v in self.headers.items()})
+                    put_headers = {k.lower(): v for k, v in self.headers.items()}
+                    proxy.put_headers.append(put_headers)
+                    refusal = proxy.refuse(put_headers) if proxy.refuse else None
+                    if refusal is not None:
+                        proxy.counts["refused"] += 1
+                        return self._error(*refusal)
                 roll = rng.random()
                 if proxy.mode == "flaky" and self.command == "PUT" and roll < proxy.fail_before:
                     proxy.counts["slowdown"] += 1

@@ -1,58 +1,344 @@
-"""The S3 sink on its own, against moto over HTTP (through a header-recording proxy)."""
+"""The S3 sink on its own, against moto over HTTP (often through a fault-injecting proxy).
+
+PUTs take the direct path (s3_put.py) unless it is turned off; most tests run
+on both paths, since put_object is what the direct path falls back to.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
+import itertools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
+import boto3
 import pytest
 import zstandard
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import ReadOnlyCredentials
 
-from fastingest.batching import Batch, KeyMaker
+from fastingest.batching import Batch, KeyMaker, Upload
+from fastingest.sinks import SinkError, s3_put
 from fastingest.sinks.s3 import YIELD_BEFORE, S3Sink
+from fastingest.sinks.s3_put import sign
 from support import S3Proxy
 
 pytestmark = pytest.mark.timeout(60)
 
+PATHS = [pytest.param(True, id="direct"), pytest.param(False, id="put_object")]
 
-def test_a_put_carries_content_md5_and_no_second_pass_over_the_body(
-    s3, bucket, s3_env, moto_endpoint, monkeypatch
-):
-    """Content-MD5 (signed) guards the body; no SHA-256 payload signature, no CRC32 on top."""
-    proxy = S3Proxy(moto_endpoint)
-    for name, value in {**s3_env, "AWS_ENDPOINT_URL": proxy.url}.items():
-        monkeypatch.setenv(name, value)  # the sink finds its endpoint the standard way
+
+def small_upload(n: int = 50, prefix: str = "") -> Upload:
     batch = Batch(1700000000.0, 0, 1 << 20, 1000, "zstd")
-    for i in range(50):
+    for i in range(n):
         batch.add(b'{"i":%d}\n' % i, 1, 1700000000.0 + i)
-    upload = batch.close(KeyMaker("", "ab12", 1, host="h"))
+    return batch.close(KeyMaker(prefix, "ab12", 1, host="h"))
 
-    async def put() -> None:
-        sink = S3Sink(bucket)
+
+def big_upload(key: str, size: int = 1 << 20) -> Upload:
+    line = b'{"pad":"%s"}\n' % (b"x" * 1000)
+    parts = [line * (size // len(line))]
+    upload = Upload(key, parts, size, 1, 1.7e9, 1.7e9, "application/x-ndjson")
+    upload.seal()
+    return upload
+
+
+async def put_and_tell_path(sink: S3Sink, upload: Upload) -> bool:
+    """Put, then whether the sink still takes the direct path (a fallback would turn it off)."""
+    await sink.put(upload)
+    return sink.direct
+
+
+def with_sink(bucket: str, direct: bool, use: Callable[[S3Sink], Awaitable[Any]]) -> Any:
+    async def run() -> Any:
+        sink = S3Sink(bucket, direct=direct)
         await sink.start()
         try:
-            await sink.put(upload)
+            return await use(sink)
         finally:
             await sink.close()
 
-    try:
-        asyncio.run(put())
-    finally:
-        proxy.close()
+    return asyncio.run(run())
+
+
+@pytest.fixture
+def proxy(moto_endpoint, s3_env, monkeypatch):
+    """S3Proxy in front of moto, found by the sink the standard way (AWS_ENDPOINT_URL)."""
+    proxy = S3Proxy(moto_endpoint)
+    for name, value in {**s3_env, "AWS_ENDPOINT_URL": proxy.url}.items():
+        monkeypatch.setenv(name, value)
+    yield proxy
+    proxy.close()
+
+
+@pytest.mark.parametrize("direct", PATHS)
+def test_a_put_carries_content_md5_and_no_second_pass_over_the_body(s3, bucket, proxy, direct):
+    """Content-MD5 (signed) guards the body; the payload hash is one already computed.
+
+    The direct path signs the SHA-256 the encoder computed; put_object signs
+    UNSIGNED-PAYLOAD (so botocore does not hash the body again). Neither adds a CRC32.
+    """
+    upload = small_upload()
+    assert with_sink(bucket, direct, lambda sink: sink.put(upload)) is None
     (headers,) = proxy.put_headers
     assert headers["content-md5"] == upload.content_md5
     assert "content-md5" in headers["authorization"]  # among the signed headers
-    assert headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
+    expected = upload.sha256 if direct else "UNSIGNED-PAYLOAD"
+    assert headers["x-amz-content-sha256"] == expected
+    assert headers["user-agent"].startswith("fastingest/" if direct else "aiobotocore/")
     assert not [name for name in headers if name.startswith("x-amz-checksum")]
     stored = s3.get_object(Bucket=bucket, Key=upload.key)
     body = stored["Body"].read()
     raw = zstandard.ZstdDecompressor().stream_reader(body).read()
     assert raw == b"".join(b'{"i":%d}\n' % i for i in range(50))
     assert stored["Metadata"]["fastingest-sha256"] == hashlib.sha256(body).hexdigest()
+    assert stored["Metadata"]["fastingest-payloads"] == "50"
+    assert stored["ContentType"] == upload.content_type
+
+
+def test_the_direct_path_is_taken_against_a_real_s3_api(bucket, s3_env, monkeypatch):
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+    assert with_sink(bucket, True, lambda sink: asyncio.sleep(0, sink.direct)) is True
+    assert with_sink(bucket, False, lambda sink: asyncio.sleep(0, sink.direct)) is False
+
+
+@pytest.mark.parametrize("token", [None, "session-token"])
+def test_the_direct_signature_is_the_one_botocore_computes(monkeypatch, token):
+    """Same request, same instant: sign() and botocore's S3 SigV4 signer agree."""
+    now = datetime.datetime(2026, 11, 29, 15, 4, 5)
+    monkeypatch.setattr("botocore.auth.get_current_datetime", lambda: now)
+    secret = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"  # AWS's documentation example
+    credentials = ReadOnlyCredentials("AKIDEXAMPLE", secret, token)
+    body = b'{"a": 1}\n' * 100
+    path = "/bucket/in%20put/dt%3D2026-11-29/%C3%A9t%C3%A9~x.ndjson.zst"
+    headers = {
+        "Content-Length": str(len(body)),
+        "Content-MD5": "kP1pm8zuNHaKlqVxNfmsmg==",
+        "Content-Type": "application/zstd",
+        "If-None-Match": "*",
+        "x-amz-meta-fastingest-payloads": "100",
+        "x-amz-meta-fastingest-first": "2026-11-29T15:04:05.000Z",
+    }
+    ours = sign(
+        "PUT",
+        "127.0.0.1:9000",
+        path,
+        headers,
+        hashlib.sha256(body).hexdigest(),
+        credentials,
+        "eu-west-1",
+        "s3",
+        now.replace(tzinfo=datetime.UTC).timestamp(),
+    )
+    # Over plain HTTP botocore signs the body's SHA-256, which it computes itself.
+    theirs = AWSRequest("PUT", "http://127.0.0.1:9000" + path, data=body, headers=headers)
+    S3SigV4Auth(credentials, "s3", "eu-west-1").add_auth(theirs)
+    assert ours["Authorization"] == theirs.headers["Authorization"]
+    assert ours["X-Amz-Date"] == theirs.headers["X-Amz-Date"]
+    assert ours["X-Amz-Content-SHA256"] == theirs.headers["X-Amz-Content-SHA256"]
+    assert ours.get("X-Amz-Security-Token") == token
+
+
+def test_a_store_that_checks_signatures_takes_direct_puts_and_refuses_bad_ones(
+    bucket, moto_endpoint, monkeypatch
+):
+    """moto with authentication on recomputes each signature from what it received.
+
+    It takes the payload hash from X-Amz-Content-SHA256 without hashing the body;
+    the first test here checks that header against the body.
+    """
+    iam = boto3.client(
+        "iam",
+        endpoint_url=moto_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    user = f"writer-{bucket}"
+    iam.create_user(UserName=user)
+    iam.put_user_policy(
+        UserName=user,
+        PolicyName="s3",
+        PolicyDocument='{"Version":"2012-10-17","Statement":[{"Effect":"Allow",'
+        '"Action":"s3:*","Resource":"*"}]}',
+    )
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    upload = small_upload(7, prefix="signed/")
+    verifying = boto3.client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=key["AccessKeyId"],
+        aws_secret_access_key=key["SecretAccessKey"],
+    )
+
+    def reset_auth(count: str) -> None:
+        import urllib.request
+
+        url = f"{moto_endpoint}/moto-api/reset-auth"  # text/plain: a form body would read as ""
+        request = urllib.request.Request(url, count.encode(), {"Content-Type": "text/plain"})
+        urllib.request.urlopen(request).read()
+
+    reset_auth("0")  # from now on every request must be signed by a known key
+    try:
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        assert with_sink(bucket, True, lambda sink: put_and_tell_path(sink, upload)) is True
+        assert verifying.get_object(Bucket=bucket, Key=upload.key)["Body"].read() == upload.body
+
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        with pytest.raises(SinkError) as refused:
+            with_sink(bucket, True, lambda sink: sink.put(small_upload(8, prefix="signed/")))
+        assert refused.value.kind == "4xx" and not refused.value.retryable
+        assert "SignatureDoesNotMatch" in str(refused.value)
+    finally:
+        reset_auth("inf")
+
+
+@pytest.mark.parametrize("direct", PATHS)
+def test_a_key_that_needs_encoding_lands_under_that_key(s3, bucket, s3_env, monkeypatch, direct):
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+    upload = small_upload(3, prefix="in put/été+~=&/")
+    assert with_sink(bucket, direct, lambda sink: put_and_tell_path(sink, upload)) is direct
+    assert s3.get_object(Bucket=bucket, Key=upload.key)["Body"].read() == upload.body
+
+
+@pytest.mark.parametrize("direct", PATHS)
+def test_an_object_already_under_its_key_counts_as_stored(s3, bucket, proxy, direct):
+    upload = small_upload()
+
+    async def twice(sink: S3Sink) -> int:
+        await sink.put(upload)
+        await sink.put(upload)
+        return sink.already_stored
+
+    assert with_sink(bucket, direct, twice) == 1
+    assert [h.get("if-none-match") for h in proxy.put_headers] == ["*", "*"]
+    assert s3.get_object(Bucket=bucket, Key=upload.key)["Body"].read() == upload.body
+
+
+@pytest.mark.parametrize("direct", PATHS)
+def test_a_store_without_conditional_writes_gets_plain_puts(s3, bucket, proxy, direct, caplog):
+    """501 to If-None-Match: warn once, drop the header, store; the path stays as it was."""
+    proxy.refuse = lambda headers: (501, "NotImplemented") if "if-none-match" in headers else None
+    first, second = small_upload(5), small_upload(6)
+
+    async def two(sink: S3Sink) -> tuple[bool, bool]:
+        await sink.put(first)
+        await sink.put(second)
+        return sink.conditional, sink.direct
+
+    with caplog.at_level(logging.WARNING, logger="fastingest.sinks.s3"):
+        assert with_sink(bucket, direct, two) == (False, direct)
+    assert "does not support conditional writes" in caplog.text
+    assert proxy.counts["refused"] == 1 + direct  # the direct PUT, then put_object's
+    assert "if-none-match" not in proxy.put_headers[-1]
+    for upload in (first, second):
+        assert s3.get_object(Bucket=bucket, Key=upload.key)["Body"].read() == upload.body
+
+
+def test_a_refused_direct_put_goes_to_put_object_and_later_puts_stay_there(
+    s3, bucket, proxy, caplog
+):
+    """A store that refuses what only the direct path sends: put_object stores it."""
+
+    def refuse_direct(headers: dict[str, str]) -> tuple[int, str] | None:
+        return (400, "InvalidRequest") if headers["user-agent"].startswith("fastingest/") else None
+
+    proxy.refuse = refuse_direct
+    first, second = small_upload(5), small_upload(6)
+
+    async def two(sink: S3Sink) -> bool:
+        await sink.put(first)
+        await sink.put(second)
+        return sink.direct
+
+    with caplog.at_level(logging.WARNING, logger="fastingest.sinks.s3"):
+        assert with_sink(bucket, True, two) is False
+    assert "refused a direct PUT (400 InvalidRequest)" in caplog.text
+    assert proxy.counts["refused"] == 1
+    assert len(proxy.put_headers) == 3  # direct (refused), put_object, put_object
+    for upload in (first, second):
+        assert s3.get_object(Bucket=bucket, Key=upload.key)["Body"].read() == upload.body
+
+
+@pytest.mark.parametrize("direct", PATHS)
+def test_throttling_is_a_retryable_error_and_is_not_sent_twice(bucket, proxy, direct):
+    proxy.refuse = lambda headers: (503, "SlowDown")
+    with pytest.raises(SinkError) as throttled:
+        with_sink(bucket, direct, lambda sink: sink.put(small_upload()))
+    assert throttled.value.retryable and throttled.value.kind == "throttled"
+    assert len(proxy.put_headers) == 1  # the pipeline retries, with its backoff
+
+
+@pytest.mark.parametrize("direct", PATHS)
+def test_a_refusal_that_put_object_gets_too_is_final(s3_env, monkeypatch, direct):
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+
+    async def put(sink: S3Sink) -> None:
+        try:
+            await sink.put(small_upload())
+        finally:
+            assert sink.direct is direct  # not the direct path's fault: it stays
+
+    with pytest.raises(SinkError) as refused:
+        with_sink("no-such-bucket-here", direct, put)
+    assert not refused.value.retryable and refused.value.kind == "4xx"
+    assert "NoSuchBucket" in str(refused.value)
+
+
+def test_the_direct_path_sends_the_body_in_slices_with_turns_between(
+    s3, bucket, s3_env, monkeypatch
+):
+    """aiohttp takes the body a slice at a time, and the loop runs between slices."""
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+    upload = big_upload("big/one.ndjson")
+    turns = 0
+    turns_at_slice: list[int] = []
+    slices = s3_put._slices
+
+    async def watched(body: bytes) -> AsyncIterator[memoryview]:
+        async for piece in slices(body):
+            turns_at_slice.append(turns)
+            yield piece
+
+    monkeypatch.setattr(s3_put, "_slices", watched)
+
+    async def put(sink: S3Sink) -> None:
+        nonlocal turns
+        stop = False
+
+        async def count_turns() -> None:
+            nonlocal turns
+            while not stop:
+                turns += 1
+                await asyncio.sleep(0)
+
+        counter = asyncio.ensure_future(count_turns())
+        try:
+            await sink.put(upload)
+        finally:
+            stop = True
+            await counter
+
+    with_sink(bucket, True, put)
+    assert len(turns_at_slice) == -(-len(upload.body) // s3_put.SLICE_BYTES) > 4
+    assert all(a < b for a, b in itertools.pairwise(turns_at_slice))
+    assert s3.get_object(Bucket=bucket, Key=upload.key)["Body"].read() == upload.body
 
 
 def test_a_put_lets_the_event_loop_run_while_botocore_builds_it(s3, bucket, s3_env, monkeypatch):
-    """Building and signing a PUT is ~3 ms of CPU: the loop must get turns in between."""
+    """put_object builds and signs a PUT in ~3 ms of CPU: the loop must get turns in between."""
     for name, value in s3_env.items():
         monkeypatch.setenv(name, value)
     batch = Batch(1700000000.0, 0, 1 << 20, 1000, "zstd")
@@ -61,7 +347,7 @@ def test_a_put_lets_the_event_loop_run_while_botocore_builds_it(s3, bucket, s3_e
     turns_before_send: list[int] = []
 
     async def put() -> None:
-        sink = S3Sink(bucket)
+        sink = S3Sink(bucket, direct=False)
         await sink.start()
         turns = 0
         stop = False
@@ -89,3 +375,10 @@ def test_a_put_lets_the_event_loop_run_while_botocore_builds_it(s3, bucket, s3_e
     asyncio.run(put())
     assert turns_before_send[1] >= len(YIELD_BEFORE)
     assert s3.get_object(Bucket=bucket, Key=upload.key)["Body"].read() == upload.body
+
+
+def test_a_client_whose_dry_run_fails_starts_on_put_object(s3_env, monkeypatch):
+    """botocore refuses this bucket name before anything is sent: no direct path, no crash."""
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+    assert with_sink("not/a/bucket", True, lambda sink: asyncio.sleep(0, sink.direct)) is False

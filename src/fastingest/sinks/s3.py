@@ -4,6 +4,9 @@ Endpoint, region and credentials come from the standard AWS chain
 (AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, AWS_REGION, keys, profiles), so MinIO
 or moto need no special flag. botocore's own retries are off: the pipeline
 retries with its own backoff, and this module only classifies errors.
+
+PUTs take the direct path of s3_put.py (signed there, sent over the client's HTTP
+session); botocore's put_object handles what that path cannot.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from fastingest.batching import Upload
 from fastingest.sinks import SinkError
+from fastingest.sinks.s3_put import DirectPut
 
 log = logging.getLogger("fastingest.sinks.s3")
 
@@ -29,8 +33,9 @@ THROTTLE_CODES = frozenset(
 )
 READY_CACHE_SECONDS = 5.0
 # botocore builds, signs and sends a PUT in one go: about 3 ms of event-loop CPU without
-# a pause (measured against moto), which every request in flight would wait out. A
-# yield at each of these hooks cuts it into steps of about 1 ms.
+# a pause (measured against moto), which every request in flight would wait out. Where
+# the sink still goes through put_object, a yield at each of these hooks cuts it into
+# steps of about 1 ms.
 YIELD_BEFORE = ("before-parameter-build", "before-call", "request-created", "before-send")
 
 
@@ -39,14 +44,19 @@ def classify(exc: BaseException) -> SinkError:
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if code in THROTTLE_CODES or status in (429, 503):
-            return SinkError(f"throttled: {code or status}", retryable=True, kind="throttled")
-        if status >= 500 or status == 408:
-            return SinkError(f"server error {status} {code}", retryable=True, kind="5xx")
-        return SinkError(f"refused {status} {code}: {exc}", retryable=False, kind="4xx")
+        return classify_status(status, code, str(exc))
     if isinstance(exc, (BotoCoreError, aiohttp.ClientError, asyncio.TimeoutError, OSError)):
         return SinkError(f"network: {type(exc).__name__}: {exc}", retryable=True, kind="network")
     return SinkError(f"{type(exc).__name__}: {exc}", retryable=False, kind="other")
+
+
+def classify_status(status: int, code: str, detail: str = "") -> SinkError:
+    """An error answer from the store, by HTTP status and S3 error code."""
+    if code in THROTTLE_CODES or status in (429, 503):
+        return SinkError(f"throttled: {code or status}", retryable=True, kind="throttled")
+    if status >= 500 or status == 408:
+        return SinkError(f"server error {status} {code}", retryable=True, kind="5xx")
+    return SinkError(f"refused {status} {code}: {detail}", retryable=False, kind="4xx")
 
 
 async def _let_others_run(**_: Any) -> None:
@@ -54,7 +64,9 @@ async def _let_others_run(**_: Any) -> None:
 
 
 class S3Sink:
-    def __init__(self, bucket: str, prefix: str = "", *, max_connections: int = 16) -> None:
+    def __init__(
+        self, bucket: str, prefix: str = "", *, max_connections: int = 16, direct: bool = True
+    ) -> None:
         self.bucket = bucket
         self.prefix = prefix
         self._config = AioConfig(
@@ -71,6 +83,8 @@ class S3Sink:
         )
         self._stack = AsyncExitStack()
         self._client: Any = None
+        self._use_direct = direct  # False: every PUT through put_object (tests cover both)
+        self._direct: DirectPut | None = None
         self._ready_until = 0.0
         self.conditional = True  # If-None-Match: * on every PUT, while the store allows it
         self.already_stored = 0
@@ -79,11 +93,21 @@ class S3Sink:
         return f"S3Sink(s3://{self.bucket}/{self.prefix})"
 
     async def start(self) -> None:
+        session = get_session()
         self._client = await self._stack.enter_async_context(
-            get_session().create_client("s3", config=self._config)
+            session.create_client("s3", config=self._config)
         )
         for event in YIELD_BEFORE:
             self._client.meta.events.register(f"{event}.s3.PutObject", _let_others_run)
+        if self._use_direct:
+            self._direct = await DirectPut.for_client(self._client, session, self.bucket)
+            if self._direct is None:
+                log.info("s3://%s: every PUT goes through botocore's put_object", self.bucket)
+
+    @property
+    def direct(self) -> bool:
+        """Whether PUTs take the direct path (see s3_put.py) rather than put_object."""
+        return self._direct is not None
 
     async def put(self, upload: Upload) -> None:
         """Store `upload` once: an object already under its key counts as stored.
@@ -91,6 +115,36 @@ class S3Sink:
         Keys are deterministic (see KeyMaker), so an existing key means an earlier
         attempt or a crashed run already stored these very payloads.
         """
+        if self._direct is None:
+            await self._put_object(upload)
+            return
+        try:
+            status, code = await self._direct.put(upload, conditional=self.conditional)
+        except Exception as exc:
+            raise classify(exc) from exc
+        if status < 300:
+            return
+        if status == 412:
+            self.already_stored += 1
+            return
+        unconditional = status == 501 and self.conditional
+        error = classify_status(status, code, "direct PUT")
+        if error.retryable and not unconditional:
+            raise error
+        # A redirect, a refusal, or a store without conditional writes: botocore may know
+        # better (a region to follow, an error to parse), so it gets this object.
+        await self._put_object(upload)
+        if not unconditional and self._direct is not None:
+            log.warning(
+                "s3://%s refused a direct PUT (%d %s) that put_object then stored: "
+                "every PUT goes through put_object from now on",
+                self.bucket,
+                status,
+                code,
+            )
+            self._direct = None
+
+    async def _put_object(self, upload: Upload) -> None:
         extra = {"IfNoneMatch": "*"} if self.conditional else {}
         try:
             await self._client.put_object(
