@@ -65,6 +65,29 @@ def with_sink(bucket: str, direct: bool, use: Callable[[S3Sink], Awaitable[Any]]
     return asyncio.run(run())
 
 
+class LoopTurns:
+    """Counts the event loop's turns while in use, from a task that counts and yields."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._stop = False
+        self._task: asyncio.Future[None] | None = None
+
+    async def _run(self) -> None:
+        while not self._stop:
+            self.count += 1
+            await asyncio.sleep(0)
+
+    async def __aenter__(self) -> LoopTurns:
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self._stop = True
+        assert self._task is not None
+        await self._task
+
+
 @pytest.fixture
 def proxy(moto_endpoint, s3_env, monkeypatch):
     """S3Proxy in front of moto, found by the sink the standard way (AWS_ENDPOINT_URL)."""
@@ -303,33 +326,20 @@ def test_the_direct_path_sends_the_body_in_slices_with_turns_between(
     for name, value in s3_env.items():
         monkeypatch.setenv(name, value)
     upload = big_upload("big/one.ndjson")
-    turns = 0
+    turns = LoopTurns()
     turns_at_slice: list[int] = []
     slices = s3_put._slices
 
     async def watched(body: bytes) -> AsyncIterator[memoryview]:
         async for piece in slices(body):
-            turns_at_slice.append(turns)
+            turns_at_slice.append(turns.count)
             yield piece
 
     monkeypatch.setattr(s3_put, "_slices", watched)
 
     async def put(sink: S3Sink) -> None:
-        nonlocal turns
-        stop = False
-
-        async def count_turns() -> None:
-            nonlocal turns
-            while not stop:
-                turns += 1
-                await asyncio.sleep(0)
-
-        counter = asyncio.ensure_future(count_turns())
-        try:
+        async with turns:
             await sink.put(upload)
-        finally:
-            stop = True
-            await counter
 
     with_sink(bucket, True, put)
     assert len(turns_at_slice) == -(-len(upload.body) // s3_put.SLICE_BYTES) > 4
@@ -346,33 +356,19 @@ def test_a_put_lets_the_event_loop_run_while_botocore_builds_it(s3, bucket, s3_e
     upload = batch.close(KeyMaker("", "ab12", 1, host="h"))
     turns_before_send: list[int] = []
 
-    async def put() -> None:
-        sink = S3Sink(bucket, direct=False)
-        await sink.start()
-        turns = 0
-        stop = False
+    turns = LoopTurns()
 
-        async def count_turns() -> None:
-            nonlocal turns
-            while not stop:
-                turns += 1
-                await asyncio.sleep(0)
+    def at_send(**_: object) -> None:  # just before the request goes on the wire
+        turns_before_send.append(turns.count)
 
-        def at_send(**_: object) -> None:  # just before the request goes on the wire
-            turns_before_send.append(turns)
-
+    async def put(sink: S3Sink) -> None:
         sink._client.meta.events.register("before-send.s3.PutObject", at_send)
-        counter = asyncio.ensure_future(count_turns())
-        try:
+        async with turns:
             await sink.put(upload)
-            turns = 0
+            turns.count = 0
             await sink.put(upload)  # the second time, with credentials and endpoint cached
-        finally:
-            stop = True
-            await counter
-            await sink.close()
 
-    asyncio.run(put())
+    with_sink(bucket, False, put)
     assert turns_before_send[1] >= len(YIELD_BEFORE)
     assert s3.get_object(Bucket=bucket, Key=upload.key)["Body"].read() == upload.body
 
