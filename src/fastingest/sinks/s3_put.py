@@ -118,11 +118,12 @@ async def _slices(body: bytes) -> AsyncIterator[memoryview]:
 
 
 class DirectPut:
+    """PUTs to one bucket: `prefix_url` ends where the (percent-encoded) key begins."""
+
     def __init__(
         self, prefix_url: str, region: str, service: str, credentials: Any, http: Any
     ) -> None:
         parts = urlsplit(prefix_url)
-        self.prefix_url = prefix_url  # ends where the (percent-encoded) key begins
         self.origin = f"{parts.scheme}://{parts.netloc}"
         self.prefix_path = parts.path
         self.host = parts.netloc.lower()  # as sent: the port only where the URL has one
