@@ -89,6 +89,13 @@ class LoopTurns:
 
 
 @pytest.fixture
+def at_moto(s3_env, monkeypatch) -> None:
+    """The sink finds moto the standard way (AWS_ENDPOINT_URL and the key variables)."""
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
 def proxy(moto_endpoint, s3_env, monkeypatch):
     """S3Proxy in front of moto, found by the sink the standard way (AWS_ENDPOINT_URL)."""
     proxy = S3Proxy(moto_endpoint)
@@ -123,9 +130,7 @@ def test_a_put_carries_content_md5_and_no_second_pass_over_the_body(s3, bucket, 
     assert stored["ContentType"] == upload.content_type
 
 
-def test_the_direct_path_is_taken_against_a_real_s3_api(bucket, s3_env, monkeypatch):
-    for name, value in s3_env.items():
-        monkeypatch.setenv(name, value)
+def test_the_direct_path_is_taken_against_a_real_s3_api(bucket, at_moto):
     assert with_sink(bucket, True, lambda sink: asyncio.sleep(0, sink.direct)) is True
     assert with_sink(bucket, False, lambda sink: asyncio.sleep(0, sink.direct)) is False
 
@@ -226,9 +231,7 @@ def test_a_store_that_checks_signatures_takes_direct_puts_and_refuses_bad_ones(
 
 
 @pytest.mark.parametrize("direct", PATHS)
-def test_a_key_that_needs_encoding_lands_under_that_key(s3, bucket, s3_env, monkeypatch, direct):
-    for name, value in s3_env.items():
-        monkeypatch.setenv(name, value)
+def test_a_key_that_needs_encoding_lands_under_that_key(s3, bucket, at_moto, direct):
     upload = small_upload(3, prefix="in put/été+~=&/")
     assert with_sink(bucket, direct, lambda sink: put_and_tell_path(sink, upload)) is direct
     assert s3.get_object(Bucket=bucket, Key=upload.key)["Body"].read() == upload.body
@@ -303,9 +306,7 @@ def test_throttling_is_a_retryable_error_and_is_not_sent_twice(bucket, proxy, di
 
 
 @pytest.mark.parametrize("direct", PATHS)
-def test_a_refusal_that_put_object_gets_too_is_final(s3_env, monkeypatch, direct):
-    for name, value in s3_env.items():
-        monkeypatch.setenv(name, value)
+def test_a_refusal_that_put_object_gets_too_is_final(at_moto, direct):
 
     async def put(sink: S3Sink) -> None:
         try:
@@ -320,11 +321,9 @@ def test_a_refusal_that_put_object_gets_too_is_final(s3_env, monkeypatch, direct
 
 
 def test_the_direct_path_sends_the_body_in_slices_with_turns_between(
-    s3, bucket, s3_env, monkeypatch
+    s3, bucket, at_moto, monkeypatch
 ):
     """aiohttp takes the body a slice at a time, and the loop runs between slices."""
-    for name, value in s3_env.items():
-        monkeypatch.setenv(name, value)
     upload = big_upload("big/one.ndjson")
     turns = LoopTurns()
     turns_at_slice: list[int] = []
@@ -347,10 +346,8 @@ def test_the_direct_path_sends_the_body_in_slices_with_turns_between(
     assert s3.get_object(Bucket=bucket, Key=upload.key)["Body"].read() == upload.body
 
 
-def test_a_put_lets_the_event_loop_run_while_botocore_builds_it(s3, bucket, s3_env, monkeypatch):
+def test_a_put_lets_the_event_loop_run_while_botocore_builds_it(s3, bucket, at_moto):
     """put_object builds and signs a PUT in ~3 ms of CPU: the loop must get turns in between."""
-    for name, value in s3_env.items():
-        monkeypatch.setenv(name, value)
     batch = Batch(1700000000.0, 0, 1 << 20, 1000, "zstd")
     batch.add(b'{"i":1}\n', 1, 1700000000.0)
     upload = batch.close(KeyMaker("", "ab12", 1, host="h"))
@@ -373,8 +370,6 @@ def test_a_put_lets_the_event_loop_run_while_botocore_builds_it(s3, bucket, s3_e
     assert s3.get_object(Bucket=bucket, Key=upload.key)["Body"].read() == upload.body
 
 
-def test_a_client_whose_dry_run_fails_starts_on_put_object(s3_env, monkeypatch):
+def test_a_client_whose_dry_run_fails_starts_on_put_object(at_moto):
     """botocore refuses this bucket name before anything is sent: no direct path, no crash."""
-    for name, value in s3_env.items():
-        monkeypatch.setenv(name, value)
     assert with_sink("not/a/bucket", True, lambda sink: asyncio.sleep(0, sink.direct)) is False
