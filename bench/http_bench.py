@@ -349,10 +349,6 @@ def worse(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else max(a, b)
 
 
-def steal_cell(r: Result) -> str:
-    return percent(r.steal_pct)
-
-
 def table(results: list[Result]) -> str:
     base = results[0]
     rows = [
@@ -366,7 +362,7 @@ def table(results: list[Result]) -> str:
             f"| {r.name} | {r.n} | {r.req_s:,.0f} | {r.payloads_s:,.0f} | "
             f"{r.payloads_s / base.payloads_s:.2f}x | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
             f"{r.non2xx} | {landed} | {r.rss_mib:.0f} | rc={r.stop_rc} {r.stop_s:.1f}s | "
-            f"{steal_cell(r)} |"
+            f"{percent(r.steal_pct)} |"
         )
     return "\n".join(rows)
 
@@ -521,7 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs > 1:
         print("\nreq/s (steal %, p99 ms) of each round (the table shows each row's median round):")
         for (name, n), rs in runs.items():
-            rounds = " / ".join(f"{r.req_s:,.0f} ({steal_cell(r)}, {r.p99_ms:.2f})" for r in rs)
+            rounds = " / ".join(
+                f"{r.req_s:,.0f} ({percent(r.steal_pct)}, {r.p99_ms:.2f})" for r in rs
+            )
             print(f"  {name}, N={n}: {rounds}")
     found = pairs(runs, args.quiet_steal) if args.runs > 1 else []
     if found:

@@ -39,6 +39,10 @@ class Round:
     connections: int
 
     @property
+    def row(self) -> tuple[str, int, str]:
+        return self.name, self.n, self.sink
+
+    @property
     def mean_ms(self) -> float:
         """Little's law: every connection always has one request in flight."""
         return 1000.0 * self.connections / self.req_s
@@ -76,7 +80,7 @@ def load(paths: list[Path], mode: str, steal: float) -> list[Round]:
 def summarise(rounds: list[Round]) -> list[dict[str, object]]:
     groups: dict[tuple[str, int, str], list[Round]] = {}
     for r in rounds:
-        groups.setdefault((r.name, r.n, r.sink), []).append(r)
+        groups.setdefault(r.row, []).append(r)
     rows = []
     for (name, n, sink), rs in sorted(groups.items()):
         ks = [r.k for r in rs]
@@ -96,11 +100,8 @@ def summarise(rounds: list[Round]) -> list[dict[str, object]]:
     return rows
 
 
-def threshold(rounds: list[Round], target_ms: float) -> dict[str, object]:
-    """The rate at which the target row's k puts its p99 at the target, and how it held."""
-    rs = [r for r in rounds if (r.name, r.n, r.sink) == TARGET_ROW]
-    if not rs:
-        return {}
+def threshold(rs: list[Round], target_ms: float) -> dict[str, object]:
+    """The rate at which these rounds' k puts their p99 at the target, and how it held."""
     connections = rs[0].connections
     k_med = statistics.median(r.k for r in rs)
     rate = k_med * 1000.0 * connections / target_ms
@@ -134,7 +135,7 @@ def table(rows: list[dict[str, object]]) -> str:
     return "\n".join(out)
 
 
-def chart(rounds: list[Round], limit: dict[str, object], path: Path) -> None:
+def chart(rs: list[Round], target: float, path: Path) -> None:
     try:
         import matplotlib
 
@@ -143,9 +144,7 @@ def chart(rounds: list[Round], limit: dict[str, object], path: Path) -> None:
     except ImportError:
         print("matplotlib not installed: no chart (pip install matplotlib)", file=sys.stderr)
         return
-    rs = [r for r in rounds if (r.name, r.n, r.sink) == TARGET_ROW]
     ks = sorted(r.k for r in rs)
-    target = float(limit["target_ms"])  # type: ignore[arg-type]
     fig, ax = plt.subplots(figsize=(8, 5))
     hit = [r for r in rs if r.p99_ms <= target]
     miss = [r for r in rs if r.p99_ms > target]
@@ -200,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     if not rounds:
         sys.exit(f"no {args.mode} rounds at <= {args.steal}% steal in {RESULTS}")
     rows = summarise(rounds)
-    limit = threshold(rounds, args.target)
+    target_rows = [r for r in rounds if r.row == TARGET_ROW]
+    limit = threshold(target_rows, args.target) if target_rows else {}
     print(
         f"{len(rounds)} {args.mode} rounds at <= {args.steal}% steal from {len(paths)} runs; "
         "k = p99 / (connections / req/s)"
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         rounds=[asdict(r) | {"k": r.k} for r in rounds],
     )
     if limit:
-        chart(rounds, limit, out.with_suffix(".png"))
+        chart(target_rows, args.target, out.with_suffix(".png"))
     print(f"results: {out}")
 
 

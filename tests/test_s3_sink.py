@@ -348,9 +348,7 @@ def test_the_direct_path_sends_the_body_in_slices_with_turns_between(
 
 def test_a_put_lets_the_event_loop_run_while_botocore_builds_it(s3, bucket, at_moto):
     """put_object builds and signs a PUT in ~3 ms of CPU: the loop must get turns in between."""
-    batch = Batch(1700000000.0, 0, 1 << 20, 1000, "zstd")
-    batch.add(b'{"i":1}\n', 1, 1700000000.0)
-    upload = batch.close(KeyMaker("", "ab12", 1, host="h"))
+    upload = small_upload(1)
     turns_before_send: list[int] = []
 
     turns = LoopTurns()
