@@ -403,3 +403,42 @@ def test_an_awaited_operation_cannot_be_reused(RingQueue):
             await op
 
     asyncio.run(main())
+
+
+def test_operations_answer_the_python_coroutine_protocol(RingQueue):
+    """send() and __next__ step an operation as they step a coroutine.
+
+    Tasks and ``await`` use the C-level send; Cython-compiled coroutines, and code
+    that drives a coroutine by hand, go through these two, which once handed back
+    a NULL result (SystemError, or a crash when the operation finished).
+    """
+
+    async def main():
+        q = RingQueue(1)
+        ready = q.aput("a").__await__()  # room: it finishes on its first step
+        with pytest.raises(StopIteration) as stop:
+            ready.send(None)
+        assert stop.value.value is None
+        with pytest.raises(StopIteration) as stop:
+            next(q.aget().__await__())
+        assert stop.value.value == "a"
+
+        getting = q.aget().__await__()  # empty: it waits on a future
+        waiting_on = next(getting)
+        assert asyncio.isfuture(waiting_on) and not waiting_on.done()
+        q.put_nowait("b")
+        await asyncio.sleep(0)  # the put wakes the getter's future
+        with pytest.raises(StopIteration) as stop:
+            getting.send(None)
+        assert stop.value.value == "b"
+
+        q.put_nowait("c")
+        putting = q.aput("d").__await__()  # full: it waits for room
+        assert asyncio.isfuture(putting.send(None))
+        assert q.get_nowait() == "c"
+        await asyncio.sleep(0)
+        with pytest.raises(StopIteration):
+            next(putting)
+        assert q.get_nowait() == "d"
+
+    asyncio.run(main())

@@ -85,14 +85,19 @@ static PyObject *fi_finish(PySendResult status, PyObject *result) {
     return NULL;
 }
 
+/* The step runs before fi_finish reads `result`: C leaves the order in which a call's
+ * arguments are evaluated open, and gcc read the still-NULL `result` first when the two
+ * were one call's arguments. */
 static PyObject *FiAwait_iternext(FiAwait *self) {
     PyObject *result = NULL;
-    return fi_finish(FiAwait_am_send(self, Py_None, &result), result);
+    PySendResult status = FiAwait_am_send(self, Py_None, &result);
+    return fi_finish(status, result);
 }
 
 static PyObject *FiAwait_send(FiAwait *self, PyObject *value) {
     PyObject *result = NULL;
-    return fi_finish(FiAwait_am_send(self, value, &result), result);
+    PySendResult status = FiAwait_am_send(self, value, &result);
+    return fi_finish(status, result);
 }
 
 static PyObject *FiAwait_throw(FiAwait *self, PyObject *args) {
