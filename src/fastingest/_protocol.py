@@ -111,7 +111,7 @@ class LeanFront:
         self.date = b""
         self._server: asyncio.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
-        self._counters: dict[tuple[str, int], Any] = {}
+        self._counters: dict[tuple[str, int], metrics.Tally] = {}
         self._outbox: list[Connection] = []
         self._rendered: dict[tuple[Answer, bool, bool], bytes] = {}
 
@@ -166,8 +166,9 @@ class LeanFront:
     def count(self, route: str, status: int) -> None:
         counter = self._counters.get((route, status))
         if counter is None:  # labels() takes a lock and formats: once per (route, status)
-            counter = self._counters[(route, status)] = metrics.REQUESTS.labels(route, str(status))
-        metrics.add(counter)
+            child = metrics.REQUESTS.labels(route, str(status))
+            counter = self._counters[(route, status)] = metrics.tally(child)
+        counter.n += 1
 
     def render(self, answer: Answer, keep_alive: bool, head: bool) -> bytes:
         """The answer's bytes on the wire; the few common ones are rendered once per tick."""

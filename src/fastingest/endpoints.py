@@ -114,6 +114,7 @@ class Endpoints:
         self.tokens = [t.encode() for t in settings.tokens()]
         self.idempotency = IdempotencyCache(settings.idempotency_window)
         self.max_body_bytes = settings.max_body_bytes
+        self._bytes_in = metrics.tally(metrics.BYTES_IN)
 
     # --- POST /ingest -----------------------------------------------------------
 
@@ -157,7 +158,7 @@ class Endpoints:
         self, headers: Headers, raw: bytes, ack: str
     ) -> tuple[int, Awaitable[bool | None] | None]:
         """Queue the body's payloads; returns their count and, unless ack is received, the wait."""
-        metrics.add(metrics.BYTES_IN, len(raw))
+        self._bytes_in.n += len(raw)
         limit = self.max_body_bytes
         body = decompress(raw, headers.get("content-encoding", ""), limit)
         payloads = parse(body, media_type(headers.get("content-type")))

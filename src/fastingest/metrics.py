@@ -74,23 +74,42 @@ PAYLOADS_HELD = Gauge(
 )
 
 
-# Counts made on the event loop for every request wait here as plain numbers: a
+# Counts made on the event loop for every request wait in a Tally as a plain number: a
 # Prometheus increment takes a lock, and under --processes writes to an mmap (1-2 µs
-# each, several per request). flush() hands them over: the batcher does at every
-# round (so a payload is counted as accepted before it can be counted as uploaded),
-# the server every second and at exit, and every exposition before it renders.
-_deferred: dict[Any, float] = {}
+# each, several per request). A hot path keeps its counter's Tally and adds to ``n``
+# (an attribute increment, where a call to add() cost 0.3-0.4 µs). flush() hands the
+# numbers over: the batcher does at every round (so a payload is counted as accepted
+# before it can be counted as uploaded), the server every second and at exit, and
+# every exposition before it renders.
+class Tally:
+    __slots__ = ("counter", "n")
+
+    def __init__(self, counter: Any) -> None:
+        self.counter = counter
+        self.n: float = 0
+
+
+_tallies: dict[Any, Tally] = {}
+
+
+def tally(counter: Any) -> Tally:
+    """The Tally of `counter` (a Counter, or a labelled child): one per counter."""
+    found = _tallies.get(counter)
+    if found is None:
+        found = _tallies[counter] = Tally(counter)
+    return found
 
 
 def add(counter: Any, amount: float = 1.0) -> None:
-    """Add `amount` to `counter` (a Counter, or a labelled child) at the next flush()."""
-    _deferred[counter] = _deferred.get(counter, 0.0) + amount
+    """Add `amount` to `counter` at the next flush() (off the hot paths, which keep a Tally)."""
+    tally(counter).n += amount
 
 
 def flush() -> None:
-    while _deferred:
-        counter, amount = _deferred.popitem()
-        counter.inc(amount)
+    for t in _tallies.values():
+        if t.n:
+            amount, t.n = t.n, 0
+            t.counter.inc(amount)
 
 
 def total(counter: Counter) -> float:

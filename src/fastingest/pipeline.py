@@ -105,6 +105,7 @@ class Pipeline:
         self._parts_left: dict[int, int] = {}  # per-payload mode: seq -> objects to go
         self._upload_waiters: dict[int, asyncio.Future[bool]] = {}  # seq -> ack "uploaded"
         self._batcher: asyncio.Task[None] | None = None
+        self._accepted = metrics.tally(metrics.PAYLOADS_ACCEPTED)
 
     # --- start ------------------------------------------------------------------
 
@@ -196,7 +197,7 @@ class Pipeline:
         self.spool.check(len(chunk))
         self.intake.put_nowait(chunk)
         self._counts.append(payloads)
-        metrics.add(metrics.PAYLOADS_ACCEPTED, payloads)
+        self._accepted.n += payloads
         self._queued_payloads += payloads
         stored = None
         if want_upload:  # registered before the batcher can see the chunk
