@@ -20,7 +20,7 @@ COPY --from=build /dist/ /tmp/dist/
 # dependencies are pinned to the versions the benchmarks ran with.
 ARG VERSION=0.1.0
 RUN pip install --no-cache-dir --find-links /tmp/dist \
-        "fastingest==${VERSION}" httptools==0.9.0 uvloop==0.23.0 zstandard==0.25.0 \
+        "fastingest==${VERSION}" httptools==0.9.0 uvloop==0.23.0 zstandard==0.25.0 zlib-ng==1.1.0 \
     && rm -rf /tmp/dist
 USER 10001
 WORKDIR /var/lib/fastingest

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import struct
+import zlib
 
 import pytest
 
@@ -194,6 +196,19 @@ def test_stored_before_written_is_remembered(tmp_path):
         assert list(tmp_path.glob("seg-*.log")) == []
 
     run(main())
+
+
+def test_the_record_checksum_is_zlibs_crc32(tmp_path):
+    """Built here with zlib and struct alone: what any writer of this format produces."""
+    body = b'{"n":1}\n'
+    meta = struct.pack("<BQd", DATA, 7, 1700000000.5)
+    record = struct.pack("<II", len(body), zlib.crc32(meta + body)) + meta + body
+    assert frame(DATA, 7, 1700000000.5, body) == record
+    (tmp_path / "seg-00000000-000000.log").write_bytes(b"FISPOOL1" + struct.pack("<I", 0) + record)
+    spool = Spool(tmp_path, 1 << 30)
+    (found,) = spool.open()
+    assert (found.seq, found.time, found.body, spool.damaged) == (7, 1700000000.5, body, 0)
+    run(spool.close())
 
 
 @pytest.mark.parametrize("damage", ["torn", "corrupt", "garbage-header"])
