@@ -27,6 +27,14 @@ from bench import RESULTS, write_results
 TARGET_ROW = ("fastingest", 1, "s3")
 
 
+def little(k: float, connections: int, x: float) -> float:
+    """k mean latencies in ms at x req/s, or the req/s at which k mean latencies take x ms.
+
+    Little's law with every connection busy: the two are the same expression.
+    """
+    return k * 1000.0 * connections / x
+
+
 @dataclass(frozen=True, slots=True)
 class Round:
     run: str  # the results file's stem
@@ -45,7 +53,7 @@ class Round:
     @property
     def mean_ms(self) -> float:
         """Little's law: every connection always has one request in flight."""
-        return 1000.0 * self.connections / self.req_s
+        return little(1.0, self.connections, self.req_s)
 
     @property
     def k(self) -> float:
@@ -104,14 +112,14 @@ def threshold(rs: list[Round], target_ms: float) -> dict[str, object]:
     """The rate at which these rounds' k puts their p99 at the target, and how it held."""
     connections = rs[0].connections
     k_med = statistics.median(r.k for r in rs)
-    rate = k_med * 1000.0 * connections / target_ms
+    rate = little(k_med, connections, target_ms)
     above = [r for r in rs if r.req_s >= rate]
     below = [r for r in rs if r.req_s < rate]
     return {
         "target_ms": target_ms,
         "connections": connections,
         "rate_at_k_median": rate,
-        "rate_at_k_max": max(r.k for r in rs) * 1000.0 * connections / target_ms,
+        "rate_at_k_max": little(max(r.k for r in rs), connections, target_ms),
         "above": len(above),
         "above_met": sum(r.p99_ms <= target_ms for r in above),
         "below": len(below),
@@ -169,7 +177,7 @@ def chart(rs: list[Round], target: float, path: Path) -> None:
     ):
         ax.plot(
             xs,
-            [k * 1000.0 * rs[0].connections / x for x in xs],
+            [little(k, rs[0].connections, x) for x in xs],
             "k" + style,
             lw=1,
             label=f"k = {k:.2f} ({which})",

@@ -140,20 +140,3 @@ def test_readiness_fails_as_soon_as_draining_starts(tmp_path):
     assert (status, answer["error"]) == (503, "draining")
     assert server.post(b'{"late": true}')[0] == 202  # still served during the delay
     assert server.stop() == 0
-
-
-def test_tallies_hold_counts_until_flush():
-    from prometheus_client import CollectorRegistry, Counter
-
-    from fastingest import metrics
-
-    counter = Counter("tally_probe", "a test counter", registry=CollectorRegistry())
-    tally = metrics.tally(counter)
-    assert metrics.tally(counter) is tally  # one per counter, so flush() sees every count
-    tally.n += 3
-    metrics.add(counter, 2)  # the same tally
-    assert counter._value.get() == 0
-    metrics.flush()
-    assert (counter._value.get(), tally.n) == (5, 0)
-    metrics.flush()  # nothing new: nothing added twice
-    assert counter._value.get() == 5
