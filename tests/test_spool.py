@@ -69,6 +69,29 @@ def test_group_commit_shares_fsyncs(tmp_path, monkeypatch):
     run(main())
 
 
+def test_when_durable_calls_back_after_the_fsync_and_at_once_after_that(tmp_path, caplog):
+    async def main():
+        spool = Spool(tmp_path, 1 << 30)
+        spool.open()
+        calls: list[tuple[str, SpoolError | None]] = []
+        ticket = spool.append(DATA, 0, 0.0, b"{}\n")
+
+        def broken(failed: SpoolError | None) -> None:
+            raise RuntimeError("a bug in one waiter")
+
+        spool.when_durable(ticket, broken)
+        spool.when_durable(ticket, lambda failed: calls.append(("first", failed)))
+        assert calls == []  # nothing is on disk before the flusher has run
+        await spool.wait(ticket)
+        assert calls == [("first", None)]  # the broken waiter before it did not stop it
+        spool.when_durable(ticket, lambda failed: calls.append(("later", failed)))
+        assert calls[-1] == ("later", None)  # already durable: called at once
+        await spool.close()
+
+    run(main())
+    assert "a spool waiter failed" in caplog.text
+
+
 def test_unsynced_records_are_written_and_fsynced_on_demand(tmp_path, monkeypatch):
     import fastingest.spool as mod
     from fastingest import metrics

@@ -32,9 +32,8 @@ import email.utils
 import functools
 import logging
 from collections import deque
-from collections.abc import Coroutine
 from http import HTTPStatus
-from typing import Any, cast
+from typing import cast
 
 import httptools
 
@@ -44,6 +43,7 @@ from fastingest.endpoints import (
     INGEST_PATH,
     Answer,
     Endpoints,
+    Pending,
     error,
     not_allowed,
     not_found,
@@ -68,8 +68,6 @@ ROUTES: dict[str, tuple[str, ...]] = {
 }
 STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-Pending = Answer | Coroutine[Any, Any, Answer]
 
 
 class _Refuse(Exception):
@@ -385,19 +383,19 @@ class Connection:
         if isinstance(answer, Answer):
             slot.answer = answer
         else:
-            task = self.loop.create_task(answer)
-            task.add_done_callback(functools.partial(self._settled, slot))
+            later = answer if isinstance(answer, asyncio.Future) else self.loop.create_task(answer)
+            later.add_done_callback(functools.partial(self._settled, slot))
         if len(self.answers) >= MAX_PIPELINED:
             self._pause("pipeline")
 
-    def _settled(self, slot: _Slot, task: asyncio.Task[Answer]) -> None:
-        if task.cancelled():
+    def _settled(self, slot: _Slot, later: asyncio.Future[Answer]) -> None:
+        if later.cancelled():
             slot.answer = error(503, "shutting_down", "the server stopped before answering")
-        elif (exc := task.exception()) is not None:
+        elif (exc := later.exception()) is not None:
             log.error("unhandled error on %s", slot.route, exc_info=exc)
             slot.answer = error(500, "internal_error", "the server failed on this request")
         else:
-            slot.answer = task.result()
+            slot.answer = later.result()
         self._flush()
 
     def _flush(self) -> None:

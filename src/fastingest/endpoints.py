@@ -13,8 +13,9 @@ Retry-After at once when the queue or spool is full (never a wait), and a precis
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
-from collections.abc import Awaitable, Coroutine, Mapping
+from collections.abc import Coroutine, Mapping
 from typing import Any, NamedTuple
 
 import orjson
@@ -40,6 +41,11 @@ class Answer(NamedTuple):
     body: bytes
     content_type: str = JSON
     headers: tuple[tuple[str, str], ...] = ()
+
+
+# What an endpoint returns: its answer, or one that comes later (a future completed by
+# callbacks, or a coroutine for the front end to run as a task).
+Pending = Answer | asyncio.Future[Answer] | Coroutine[Any, Any, Answer]
 
 
 def json_answer(status: int, body: dict[str, Any], *headers: tuple[str, str]) -> Answer:
@@ -135,29 +141,28 @@ class Endpoints:
             raise BodyError(413, "body_too_large", detail)
         return ack
 
-    def ingest(
-        self, headers: Headers, body: bytes, ack: str
-    ) -> Answer | Coroutine[Any, Any, Answer]:
-        """Take a checked request's body: an answer now, or one to await (ack level, replay)."""
+    def ingest(self, headers: Headers, body: bytes, ack: str) -> Pending:
+        """Take a checked request's body: an answer now, or one to come (ack level, replay)."""
         if key := headers.get("idempotency-key"):
             return self._idempotent(key, headers, body, ack)
         return self._ingest(headers, body, ack)
 
-    def _ingest(
-        self, headers: Headers, body: bytes, ack: str
-    ) -> Answer | Coroutine[Any, Any, Answer]:
+    def _ingest(self, headers: Headers, body: bytes, ack: str) -> Answer | asyncio.Future[Answer]:
         try:
-            count, later = self._take(headers, body, ack)
+            count, ticket, stored = self._take(headers, body, ack)
         except BodyError as exc:
             return refusal(exc)
-        if later is None:
+        if ack == "received":
             return _accepted(count, ack)
-        return self._settle(count, ack, later)
+        # Answered by callbacks from the spool (and the upload), not by a task per request.
+        answer: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self.pipeline.when_durable(ticket, functools.partial(_durable, answer, count, ack, stored))
+        return answer
 
     def _take(
         self, headers: Headers, raw: bytes, ack: str
-    ) -> tuple[int, Awaitable[bool | None] | None]:
-        """Queue the body's payloads; returns their count and, unless ack is received, the wait."""
+    ) -> tuple[int, int, asyncio.Future[bool] | None]:
+        """Queue the body's payloads: their count, the spool ticket, the upload's future."""
         self._bytes_in.n += len(raw)
         limit = self.max_body_bytes
         body = decompress(raw, headers.get("content-encoding", ""), limit)
@@ -184,27 +189,7 @@ class Endpoints:
             raise draining() from None
         except SpoolError as exc:
             raise BodyError(503, "spool_unavailable", str(exc)) from None
-        if ack == "received":
-            return payloads.count, None
-        return payloads.count, self._stored(ticket, stored)
-
-    async def _stored(self, ticket: int, stored: asyncio.Future[bool] | None) -> bool | None:
-        """Wait for the ack level: True stored, False dead-lettered, None durable only."""
-        try:
-            await self.pipeline.durable(ticket)
-        except SpoolError as exc:
-            # Already in the memory queue, so it may still be delivered: at least once, not lost.
-            raise BodyError(503, "spool_unavailable", str(exc)) from None
-        return None if stored is None else await stored
-
-    async def _settle(self, count: int, ack: str, later: Awaitable[bool | None]) -> Answer:
-        try:
-            if await later is False:
-                body = {"accepted": count, "ack": "durable", "dead_lettered": True}
-                return json_answer(202, body)
-        except BodyError as exc:
-            return refusal(exc)
-        return _accepted(count, ack)
+        return payloads.count, ticket, stored
 
     async def _idempotent(self, key: str, headers: Headers, body: bytes, ack: str) -> Answer:
         cache = self.idempotency
@@ -239,6 +224,36 @@ class Endpoints:
         self.pipeline.update_gauges()
         body, content_type = metrics.exposition()
         return Answer(200, body, content_type)
+
+
+def _durable(
+    answer: asyncio.Future[Answer],
+    count: int,
+    ack: str,
+    stored: asyncio.Future[bool] | None,
+    failed: SpoolError | None,
+) -> None:
+    """The request's spool record is fsynced, or its write failed: answer, or await the upload."""
+    if answer.done():  # cancelled: aiohttp cancels the handler of a client that left
+        return
+    if failed is not None:
+        # Already in the memory queue, so it may still be delivered: at least once, not lost.
+        answer.set_result(refusal(BodyError(503, "spool_unavailable", str(failed))))
+    elif stored is None:
+        answer.set_result(_accepted(count, ack))
+    else:
+        stored.add_done_callback(functools.partial(_uploaded, answer, count))
+
+
+def _uploaded(answer: asyncio.Future[Answer], count: int, stored: asyncio.Future[bool]) -> None:
+    """Ack ``uploaded``: the chunk is in the sink (True) or the dead-letter directory (False)."""
+    if answer.done():
+        return
+    if stored.result():
+        answer.set_result(_accepted(count, "uploaded"))
+    else:
+        body = {"accepted": count, "ack": "durable", "dead_lettered": True}
+        answer.set_result(json_answer(202, body))
 
 
 _ACCEPTED: dict[tuple[int, str], Answer] = {}

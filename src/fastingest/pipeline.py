@@ -30,6 +30,7 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from fastingest import metrics
@@ -210,9 +211,9 @@ class Pipeline:
         self._next_seq += 1
         return self.spool.append(DATA, seq, time.time(), chunk, payloads, sync=sync)
 
-    async def durable(self, ticket: int) -> None:
-        """Wait until the chunk behind `ticket` is fsynced (SpoolError if that failed)."""
-        await self.spool.wait(ticket)
+    def when_durable(self, ticket: int, callback: Callable[[SpoolError | None], None]) -> None:
+        """Call back once the chunk behind `ticket` is fsynced, with the SpoolError if not."""
+        self.spool.when_durable(ticket, callback)
 
     @property
     def accepting(self) -> bool:

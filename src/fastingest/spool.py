@@ -35,6 +35,7 @@ import asyncio
 import bisect
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import secrets
@@ -169,7 +170,7 @@ class Spool:
         self._sync_through = 0  # the last record that asked for an fsync (or was waited on)
         self._durable = 0  # records known to be on disk
         self._unsynced_payloads = 0  # written since the last fsync
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._waiters: list[tuple[int, Callable[[SpoolError | None], None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._file: int = -1
         self._index = 0  # of the segment being written, within this epoch
@@ -269,15 +270,28 @@ class Spool:
         self._start_flusher()
         return self._appended
 
-    async def wait(self, ticket: int) -> None:
-        """Return once record `ticket` is fsynced; SpoolError if its write failed."""
+    def when_durable(self, ticket: int, callback: Callable[[SpoolError | None], None]) -> None:
+        """Call ``callback(None)`` once record `ticket` is fsynced, ``callback(error)`` if its
+        write failed: at once if it already is, else from the flusher, on the event loop.
+
+        A callback, not a future to await: a ``durable`` request is answered from here
+        without a task of its own (a task and its coroutines cost more than the request's
+        share of the fsync).
+        """
         if ticket <= self._durable:
+            callback(None)
             return
         if ticket > self._sync_through:  # appended without sync: it needs one now
             self._sync_through = ticket
             self._start_flusher()
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append((ticket, fut))
+        self._waiters.append((ticket, callback))
+
+    async def wait(self, ticket: int) -> None:
+        """Return once record `ticket` is fsynced; SpoolError if its write failed."""
+        if ticket <= self._durable:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.when_durable(ticket, functools.partial(_resolve, fut))
         await fut
 
     def _start_flusher(self) -> None:
@@ -346,13 +360,16 @@ class Spool:
         except OSError as again:
             log.error("cannot start a new spool segment either (%s)", again)
 
-    def _settle(self, upto: int, exc: Exception | None) -> None:
+    def _settle(self, upto: int, exc: SpoolError | None) -> None:
         keep = []
-        for ticket, fut in self._waiters:
+        for ticket, callback in self._waiters:
             if ticket > upto:
-                keep.append((ticket, fut))
-            elif not fut.done():
-                fut.set_exception(exc) if exc else fut.set_result(None)
+                keep.append((ticket, callback))
+                continue
+            try:
+                callback(exc)
+            except Exception:  # a bug in one waiter must not stop the flusher for all
+                log.exception("a spool waiter failed")
         self._waiters = keep
 
     def _rotate(self) -> None:
@@ -438,6 +455,11 @@ class Spool:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:
+    if not fut.done():  # cancelled meanwhile: nobody waits
+        fut.set_exception(error) if error else fut.set_result(None)
 
 
 def _runs(seqs: Iterable[int]) -> list[tuple[int, int]]:
