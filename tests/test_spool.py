@@ -92,6 +92,35 @@ def test_when_durable_calls_back_after_the_fsync_and_at_once_after_that(tmp_path
     assert "a spool waiter failed" in caplog.text
 
 
+def test_fsyncs_run_in_the_spools_own_thread_until_close(tmp_path, monkeypatch):
+    import threading
+
+    import fastingest.spool as mod
+
+    where: list[tuple[str, bool]] = []
+    real = mod._write
+
+    def spy(fd: int, data: bytes, good: int, sync: bool) -> None:
+        where.append((threading.current_thread().name, sync))
+        real(fd, data, good, sync)
+
+    monkeypatch.setattr(mod, "_write", spy)
+
+    async def main():
+        spool = Spool(tmp_path, 1 << 30)
+        spool.open()
+        spool.append(DATA, 0, 0.0, b"{}\n", sync=False)
+        await spool.wait(spool.append(DATA, 1, 0.0, b"{}\n"))
+        syncing = [t for t in threading.enumerate() if t.name == "fastingest-spool-sync"]
+        assert len(syncing) == 1
+        await spool.close()
+        assert not syncing[0].is_alive()
+
+    run(main())
+    assert all(name == "fastingest-spool-sync" for name, synced in where if synced)
+    assert any(synced for _, synced in where)
+
+
 def test_unsynced_records_are_written_and_fsynced_on_demand(tmp_path, monkeypatch):
     import fastingest.spool as mod
     from fastingest import metrics

@@ -38,8 +38,10 @@ import fcntl
 import functools
 import logging
 import os
+import queue
 import secrets
 import struct
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +174,7 @@ class Spool:
         self._unsynced_payloads = 0  # written since the last fsync
         self._waiters: list[tuple[int, Callable[[SpoolError | None], None]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._syncer = _Syncer()
         self._file: int = -1
         self._index = 0  # of the segment being written, within this epoch
         self._lock_fd = -1
@@ -313,7 +316,7 @@ class Spool:
                 sync = self._sync_through > self._durable or full  # a segment ends fsynced
                 try:
                     if sync:
-                        await asyncio.to_thread(_write, self._file, data, seg.size, True)
+                        await self._syncer.write(self._file, data, seg.size)
                     else:
                         _write(self._file, data, seg.size, False)
                 except OSError as exc:
@@ -446,6 +449,7 @@ class Spool:
             self._start_flusher()
         if self._flusher is not None:
             await self._flusher
+        self._syncer.stop()
         if self._file >= 0:
             os.close(self._file)
             self._file = -1
@@ -504,6 +508,49 @@ def _write(fd: int, data: bytes, good_size: int, sync: bool) -> None:
         with contextlib.suppress(OSError):  # leave no half-written group behind
             os.ftruncate(fd, good_size)
         raise
+
+
+class _Syncer:
+    """The thread that writes and fsyncs the spool's groups, one at a time.
+
+    Its own thread and queue rather than ``asyncio.to_thread``: a hop costs the event loop
+    about 6 µs of CPU here against the executor's 18 (uvloop, one core), once per group
+    commit, which at ``durable`` is about a thousand times a second.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], None], asyncio.Future[None]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+
+    def write(self, fd: int, data: bytes, good_size: int) -> asyncio.Future[None]:
+        """`_write` with an fsync, in the thread: a future done when it is (or failed)."""
+        fut = asyncio.get_running_loop().create_future()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="fastingest-spool-sync")
+            self._thread.daemon = True  # never holds up an exit; close() stops it first
+            self._thread.start()
+        self._jobs.put((functools.partial(_write, fd, data, good_size, True), fut))
+        return fut
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            work, fut = job
+            error: BaseException | None = None
+            try:
+                work()
+            except Exception as exc:  # handed to the awaiting flusher
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                fut.get_loop().call_soon_threadsafe(_resolve, fut, error)
+
+    def stop(self) -> None:
+        """End the thread once the writes queued before are done."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
 
 
 def _new_segment(path: Path, epoch: int) -> int:
