@@ -111,14 +111,30 @@ def test_fsyncs_run_in_the_spools_own_thread_until_close(tmp_path, monkeypatch):
         spool.open()
         spool.append(DATA, 0, 0.0, b"{}\n", sync=False)
         await spool.wait(spool.append(DATA, 1, 0.0, b"{}\n"))
-        syncing = [t for t in threading.enumerate() if t.name == "fastingest-spool-sync"]
-        assert len(syncing) == 1
+        syncing = spool._syncer._thread
+        assert syncing is not None and syncing.is_alive()
         await spool.close()
-        assert not syncing[0].is_alive()
+        assert not syncing.is_alive()
 
     run(main())
     assert all(name == "fastingest-spool-sync" for name, synced in where if synced)
     assert any(synced for _, synced in where)
+
+
+def test_a_spool_dropped_without_close_ends_its_thread(tmp_path):
+    import gc
+
+    async def main():
+        spool = Spool(tmp_path, 1 << 30)
+        spool.open()
+        await spool.wait(spool.append(DATA, 0, 0.0, b"{}\n"))
+        return spool._syncer._thread
+
+    syncing = run(main())  # the spool is gone with the loop, never closed (a crash)
+    gc.collect()
+    assert syncing is not None
+    syncing.join(timeout=10)
+    assert not syncing.is_alive()
 
 
 def test_unsynced_records_are_written_and_fsynced_on_demand(tmp_path, monkeypatch):

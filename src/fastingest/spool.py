@@ -42,6 +42,7 @@ import queue
 import secrets
 import struct
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -519,38 +520,45 @@ class _Syncer:
     """
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], None], asyncio.Future[None]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._jobs: queue.SimpleQueue[_SyncJob | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._end: weakref.finalize | None = None
 
     def write(self, fd: int, data: bytes, good_size: int) -> asyncio.Future[None]:
         """`_write` with an fsync, in the thread: a future done when it is (or failed)."""
         fut = asyncio.get_running_loop().create_future()
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="fastingest-spool-sync")
-            self._thread.daemon = True  # never holds up an exit; close() stops it first
+            # The thread holds the queue, not this object, so a spool dropped without
+            # close() (a crash simulated in-process) still ends it, through the finalizer.
+            self._thread = threading.Thread(
+                target=_sync_jobs, args=(self._jobs,), name="fastingest-spool-sync", daemon=True
+            )
             self._thread.start()
+            self._end = weakref.finalize(self, self._jobs.put, None)
         self._jobs.put((functools.partial(_write, fd, data, good_size, True), fut))
         return fut
 
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            work, fut = job
-            error: BaseException | None = None
-            try:
-                work()
-            except Exception as exc:  # handed to the awaiting flusher
-                error = exc
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                fut.get_loop().call_soon_threadsafe(_resolve, fut, error)
-
     def stop(self) -> None:
         """End the thread once the writes queued before are done."""
-        if self._thread is not None:
-            self._jobs.put(None)
+        if self._thread is not None and self._end is not None:
+            self._end()
             self._thread.join()
-            self._thread = None
+            self._thread = self._end = None
+
+
+_SyncJob = tuple[Callable[[], None], asyncio.Future[None]]
+
+
+def _sync_jobs(jobs: queue.SimpleQueue[_SyncJob | None]) -> None:
+    while (job := jobs.get()) is not None:
+        work, fut = job
+        error: BaseException | None = None
+        try:
+            work()
+        except Exception as exc:  # handed to the awaiting flusher
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            fut.get_loop().call_soon_threadsafe(_resolve, fut, error)
 
 
 def _new_segment(path: Path, epoch: int) -> int:
