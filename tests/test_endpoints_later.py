@@ -61,8 +61,11 @@ def test_uploaded_waits_for_the_sink_and_says_when_it_was_dead_lettered():
 
 def test_an_answer_nobody_waits_for_any_more_is_left_alone():
     # aiohttp cancels the handler of a client that left, and with it the future it awaits.
+    loop_errors: list[dict] = []
+
     async def main():
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, ctx: loop_errors.append(ctx))
         answer = loop.create_future()
         answer.cancel()
         _durable(answer, 1, "durable", None, None)  # no InvalidStateError
@@ -73,11 +76,5 @@ def test_an_answer_nobody_waits_for_any_more_is_left_alone():
         await asyncio.sleep(0)  # the upload's callback: no error either
         assert answer.cancelled()
 
-    loop_errors: list[dict] = []
-
-    async def watched():
-        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: loop_errors.append(ctx))
-        await main()
-
-    asyncio.run(watched())
+    asyncio.run(main())
     assert loop_errors == []

@@ -292,8 +292,6 @@ class Spool:
 
     async def wait(self, ticket: int) -> None:
         """Return once record `ticket` is fsynced; SpoolError if its write failed."""
-        if ticket <= self._durable:
-            return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.when_durable(ticket, functools.partial(_resolve, fut))
         await fut
@@ -535,7 +533,7 @@ class _Syncer:
             )
             self._thread.start()
             self._end = weakref.finalize(self, self._jobs.put, None)
-        self._jobs.put((functools.partial(_write, fd, data, good_size, True), fut))
+        self._jobs.put((fd, data, good_size, fut))
         return fut
 
     def stop(self) -> None:
@@ -546,15 +544,15 @@ class _Syncer:
             self._thread = self._end = None
 
 
-_SyncJob = tuple[Callable[[], None], asyncio.Future[None]]
+_SyncJob = tuple[int, bytes, int, asyncio.Future[None]]  # fd, data, good size, done
 
 
 def _sync_jobs(jobs: queue.SimpleQueue[_SyncJob | None]) -> None:
     while (job := jobs.get()) is not None:
-        work, fut = job
+        fd, data, good_size, fut = job
         error: BaseException | None = None
         try:
-            work()
+            _write(fd, data, good_size, True)
         except Exception as exc:  # handed to the awaiting flusher
             error = exc
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
