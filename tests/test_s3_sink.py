@@ -113,7 +113,7 @@ def test_a_put_carries_content_md5_and_no_second_pass_over_the_body(s3, bucket, 
     UNSIGNED-PAYLOAD (so botocore does not hash the body again). Neither adds a CRC32.
     """
     upload = small_upload()
-    assert with_sink(bucket, direct, lambda sink: sink.put(upload)) is None
+    assert with_sink(bucket, direct, lambda sink: sink.put(upload)) is True
     (headers,) = proxy.put_headers
     assert headers["content-md5"] == upload.content_md5
     assert "content-md5" in headers["authorization"]  # among the signed headers
@@ -224,7 +224,8 @@ def test_a_store_that_checks_signatures_takes_direct_puts_and_refuses_bad_ones(
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
         with pytest.raises(SinkError) as refused:
             with_sink(bucket, True, lambda sink: sink.put(small_upload(8, prefix="signed/")))
-        assert refused.value.kind == "4xx" and not refused.value.retryable
+        # A secret an operator can fix: the data waits in the spool, retried.
+        assert refused.value.kind == "denied" and refused.value.retryable
         assert "SignatureDoesNotMatch" in str(refused.value)
     finally:
         reset_auth("inf")
@@ -241,12 +242,10 @@ def test_a_key_that_needs_encoding_lands_under_that_key(s3, bucket, at_moto, dir
 def test_an_object_already_under_its_key_counts_as_stored(s3, bucket, proxy, direct):
     upload = small_upload()
 
-    async def twice(sink: S3Sink) -> int:
-        await sink.put(upload)
-        await sink.put(upload)
-        return sink.already_stored
+    async def twice(sink: S3Sink) -> tuple[bool, bool, int]:
+        return await sink.put(upload), await sink.put(upload), sink.already_stored
 
-    assert with_sink(bucket, direct, twice) == 1
+    assert with_sink(bucket, direct, twice) == (True, False, 1)
     assert [h.get("if-none-match") for h in proxy.put_headers] == ["*", "*"]
     assert s3.get_object(Bucket=bucket, Key=upload.key)["Body"].read() == upload.body
 
@@ -306,7 +305,8 @@ def test_throttling_is_a_retryable_error_and_is_not_sent_twice(bucket, proxy, di
 
 
 @pytest.mark.parametrize("direct", PATHS)
-def test_a_refusal_that_put_object_gets_too_is_final(at_moto, direct):
+def test_a_missing_bucket_is_retryable_and_keeps_the_path(at_moto, direct):
+    """An operator creates the bucket: until then the data waits, it is not dead-lettered."""
 
     async def put(sink: S3Sink) -> None:
         try:
@@ -316,8 +316,17 @@ def test_a_refusal_that_put_object_gets_too_is_final(at_moto, direct):
 
     with pytest.raises(SinkError) as refused:
         with_sink("no-such-bucket-here", direct, put)
-    assert not refused.value.retryable and refused.value.kind == "4xx"
+    assert refused.value.retryable and refused.value.kind == "denied"
     assert "NoSuchBucket" in str(refused.value)
+
+
+@pytest.mark.parametrize("direct", PATHS)
+def test_a_refusal_of_the_object_itself_is_final(bucket, proxy, direct):
+    proxy.refuse = lambda headers: (400, "EntityTooLarge")
+    with pytest.raises(SinkError) as refused:
+        with_sink(bucket, direct, lambda sink: sink.put(small_upload()))
+    assert not refused.value.retryable and refused.value.kind == "4xx"
+    assert "EntityTooLarge" in str(refused.value)
 
 
 def test_the_direct_path_sends_the_body_in_slices_with_turns_between(

@@ -46,7 +46,7 @@ def test_records_survive_a_restart_in_order(tmp_path):
         assert [r.body for r in data] == chunks and [r.seq for r in data] == list(range(100))
         assert all(r.epoch == epoch for r in records)
         (mark,) = [r for r in records if r.kind == BATCH]
-        assert mark.seq == 0 and mark.batch == (9, "dt=x/key-0-9.ndjson.gz")
+        assert mark.seq == 0 and (mark.batch.last, mark.batch.key) == (9, "dt=x/key-0-9.ndjson.gz")
         await spool.close()
 
     run(second())
@@ -169,11 +169,11 @@ def test_unsynced_records_are_written_and_fsynced_on_demand(tmp_path, monkeypatc
         for seq in range(100):
             await add(seq)
         await idle()
-        if not spool.segments[-1].seqs:  # the last flush ended a segment: put one in the next
+        if not spool.segments[-1].runs:  # the last flush ended a segment: put one in the next
             await add(100)
             await idle()
         n = len(tickets)
-        unsynced = len(spool.segments[-1].seqs)
+        unsynced = spool.segments[-1].overlap(0, n)
         # Written, yet fsynced only where a segment ended (before the next one began).
         assert sum(size for size, _ in writes) == n * 125
         assert sum(synced for _, synced in writes) == len(spool.segments) - 1 >= 2

@@ -93,13 +93,28 @@ def test_a_killed_worker_is_restarted_and_its_spool_replayed(tmp_path, s3, bucke
 
 def test_a_worker_that_cannot_start_stops_the_supervisor_instead_of_looping(tmp_path):
     import fcntl
+    import os
+    import subprocess
+    import sys
 
     spool = tmp_path / "fastingest-data" / "spool" / "1"
     spool.mkdir(parents=True)
     with open(spool / "LOCK", "w") as lock:  # another process holds worker 1's spool
         fcntl.flock(lock, fcntl.LOCK_EX)
-        server = Server(cwd=tmp_path, env={"FASTINGEST_PROCESSES": "2"})
-        assert server.proc.wait(60) == 1
-    assert "in use by another process" in server.text
-    assert "not restarting it: stopping every worker" in server.text
-    assert "worker 0" in server.text and "drained and exited with 0" in server.text
+        lock.write("4242\n")
+        lock.flush()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FASTINGEST_")}
+        done = subprocess.run(
+            [sys.executable, "-m", "fastingest", "serve", "--processes", "2", "--listen", ":0"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    # Said once, naming the holder, and not restarted: a worker that says why it cannot
+    # start exits with EX_CONFIG, which no restart can mend.
+    assert done.stderr.count("is in use by another process (pid 4242)") == 1
+    assert "worker 1 cannot start: stopping every worker" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -14,14 +14,20 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import re
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zlib_ng import zlib_ng
+
+if TYPE_CHECKING:
+    from fastingest.spool import Spool
+
+log = logging.getLogger("fastingest.batching")
 
 EXTENSIONS = {"gzip": ".ndjson.gz", "zstd": ".ndjson.zst", "none": ".ndjson"}
 CONTENT_TYPES = {
@@ -133,6 +139,8 @@ class Upload:
     seqs: range = range(0)  # the request chunks this object holds (all or part of)
     marker: int | None = None  # first seq of a batch whose marker is in the spool
     compression: str = "none"
+    excluded: frozenset[int] = frozenset()  # seqs in `seqs` whose chunks it leaves out
+    part: int = -1  # per-payload mode: the payload's line within its chunk
     body: bytes = b""  # compressed: by the batcher as the batch grew, or by seal()
     sha256: str = ""  # of the body as stored, for downstream completeness checks
     content_md5: str = ""  # of the stored body, sent as Content-MD5
@@ -145,6 +153,33 @@ class Upload:
         encoder.feed(b"".join(self.parts))
         self.body, self.sha256, self.content_md5 = encoder.finish()
         self.parts = []  # only the body is needed from here: free the chunks
+
+    def on_disk(self, spool: Spool) -> bool:
+        """Whether the spool holds every chunk of this object, so its bytes may be dropped."""
+        return self.marker is not None or spool.written(self.seqs.stop - 1)
+
+    def unload(self) -> None:
+        """Drop the bytes (kept in the spool); reload() brings them back before a PUT."""
+        self.parts = []
+        self.body = b""
+        self.sha256 = self.content_md5 = ""
+
+    async def reload(self, spool: Spool) -> None:
+        """Read this object's chunks back from the spool, to seal() again."""
+        found = await spool.read(self.seqs.start, self.seqs.stop)
+        wanted = [s for s in self.seqs if s not in self.excluded]
+        missing = [s for s in wanted if s not in found]
+        if missing:  # the ledger kept them: only damage on disk can get here
+            log.error("%s: %d chunks are missing from the spool", self.key, len(missing))
+        chunks = [found[s][0] for s in wanted if s in found]
+        if self.part >= 0:  # one payload of its chunk
+            chunks = [chunks[0].split(b"\n")[self.part]] if chunks else []
+        self.parts = chunks
+        self.raw_size = sum(len(c) for c in chunks)
+        if self.part < 0:
+            self.payloads = sum(c.count(b"\n") for c in chunks)
+            if times := [found[s][1] for s in wanted if s in found]:
+                self.last = max(times)
 
     def metadata(self) -> dict[str, str]:
         """What a downstream job needs to check an object is complete."""
@@ -177,6 +212,7 @@ class Batch:
     encoder: Encoder = field(init=False)
     pending: list[bytes] = field(default_factory=list)
     chunks: int = 0
+    skipped: list[int] = field(default_factory=list)  # seqs in its range it leaves out
     nbytes: int = 0
     payloads: int = 0
     last: float = 0.0
@@ -192,6 +228,10 @@ class Batch:
         self.payloads += payloads
         self.last = now
 
+    def skip(self, seq: int) -> None:
+        """Chunk `seq`, next in line, is not part of this batch (its spool write was refused)."""
+        self.skipped.append(seq)
+
     def encode(self) -> None:
         if self.pending:
             self.encoder.feed(b"".join(self.pending))
@@ -204,7 +244,7 @@ class Batch:
     def close(self, keys: KeyMaker) -> Upload:
         self.encode()
         body, sha256, content_md5 = self.encoder.finish()
-        seqs = range(self.first, self.first + self.chunks)
+        seqs = range(self.first, self.first + self.chunks + len(self.skipped))
         compression = self.compression
         return Upload(
             key=keys.batch(self.opened, seqs.start, seqs.stop - 1, EXTENSIONS[compression]),
@@ -220,6 +260,7 @@ class Batch:
             body=body,
             sha256=sha256,
             content_md5=content_md5,
+            excluded=frozenset(self.skipped),
         )
 
 
@@ -237,6 +278,7 @@ def per_payload(
             now,
             "application/json",
             range(seq, seq + 1),
+            part=i,
         )
         for i, line in enumerate(chunk.split(b"\n")[:-1])
     ]

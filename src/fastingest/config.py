@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,11 @@ DEFAULT_BATCH_MAX_PAYLOADS = 50_000
 DEFAULT_BATCH_MAX_AGE = 5.0  # seconds from a batch's first payload to its upload
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024  # per request, also after decompression
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
-DEFAULT_UPLOAD_ATTEMPTS = 5
+# As long as Kinesis Data Firehose retries: an outage over a night is delivered once the
+# store is back, with no one redriving; the spool's size, not this, usually runs out first.
+DEFAULT_DELIVERY_WINDOW = 24 * 3600.0
 DEFAULT_RETRY_BASE = 0.2  # seconds; doubled per attempt, with full jitter
-DEFAULT_RETRY_MAX = 10.0
+DEFAULT_RETRY_MAX = 30.0  # the longest wait between two tries of a failing sink
 DEFAULT_SPOOL_MAX_BYTES = 1024 * 1024 * 1024
 DEFAULT_IDEMPOTENCY_WINDOW = 600.0
 DEFAULT_KEEPALIVE_TIMEOUT = 75.0  # seconds an idle connection stays open (nginx's and aiohttp's)
@@ -50,6 +52,13 @@ def _size(text: str) -> int:
     return int(float(text[:-1] if scale > 1 else text) * scale)
 
 
+def _duration(text: str) -> float:
+    """Seconds, with an optional s/m/h/d suffix."""
+    text = text.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(text[-1:], 0)
+    return float(text[:-1] if scale else text) * (scale or 1)
+
+
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         value = kind(text)
@@ -65,6 +74,8 @@ def _listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    if int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {port} in {text!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
@@ -237,16 +248,22 @@ OPTIONS: list[Option] = [
         float,
     ),
     Option(
-        "--upload-attempts",
-        ("FASTINGEST_UPLOAD_ATTEMPTS",),
-        "tries per object before it goes to the dead-letter directory",
-        _positive(int),
+        "--delivery-window",
+        ("FASTINGEST_DELIVERY_WINDOW",),
+        "how long an object is retried while the sink fails (from its first payload's "
+        "arrival; s/m/h/d suffixes) before it goes to the dead-letter directory",
+        _positive(_duration),
     ),
     Option(
         "--retry-base-delay",
         ("FASTINGEST_RETRY_BASE_DELAY",),
-        "first retry waits up to this many seconds; doubles per attempt (full jitter), "
-        f"capped at {DEFAULT_RETRY_MAX:g}s",
+        "first retry waits up to this many seconds; doubles per attempt (full jitter)",
+        _positive(float),
+    ),
+    Option(
+        "--retry-max-delay",
+        ("FASTINGEST_RETRY_MAX_DELAY",),
+        "longest wait between two tries of a failing sink, in seconds",
         _positive(float),
     ),
     Option(
@@ -295,11 +312,11 @@ class Settings:
     auth_token_file: Path | None = None
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     drain_delay: float = 0.0
-    upload_attempts: int = DEFAULT_UPLOAD_ATTEMPTS
+    delivery_window: float = DEFAULT_DELIVERY_WINDOW
     log_format: str = "auto"
     log_level: str = "INFO"
     retry_base_delay: float = DEFAULT_RETRY_BASE
-    retry_max: float = field(default=DEFAULT_RETRY_MAX, repr=False)
+    retry_max_delay: float = DEFAULT_RETRY_MAX
     worker_index: int | None = None  # set by the supervisor in each of its children
 
     @property

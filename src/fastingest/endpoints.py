@@ -26,7 +26,6 @@ from fastingest.config import ACK_LEVELS, Settings
 from fastingest.errors import QueueClosed, QueueFull
 from fastingest.idempotency import IdempotencyCache
 from fastingest.pipeline import Pipeline
-from fastingest.sinks import SinkError
 from fastingest.spool import SpoolError
 
 Headers = Mapping[str, str]  # looked up by lower-case name
@@ -210,15 +209,24 @@ class Endpoints:
     def health(self) -> Answer:
         return json_answer(200, {"status": "ok"})
 
-    async def readiness(self) -> Answer:
+    def readiness(self) -> Answer:
+        """Ready while requests can be taken and durably held, whatever the sink's state:
+        during a sink outage the spool is the buffer, so the pod stays behind the Service."""
         pipeline = self.pipeline
         if self.stopping.is_set() or not pipeline.accepting:
             return error(503, "draining", "shutting down: not taking new requests")
-        try:
-            await pipeline.sink.check()
-        except SinkError as exc:
-            return error(503, "sink_unreachable", str(exc))
-        return json_answer(200, {"status": "ready", "queued_requests": pipeline.intake.qsize()})
+        if (full := pipeline.unready()) is not None:
+            return error(503, full, "the spool or the memory queue is full; retry shortly")
+        delivery = pipeline.delivery
+        body: dict[str, Any] = {
+            "status": "ready",
+            "queued_requests": pipeline.intake.qsize(),
+            "sink": "failing" if delivery.failing else "up",
+            "backlog_objects": len(delivery.backlog),
+        }
+        if delivery.failing:
+            body["sink_error"] = delivery.last_error
+        return json_answer(200, body)
 
     def metrics(self) -> Answer:
         self.pipeline.update_gauges()
@@ -237,7 +245,7 @@ def _durable(
     if answer.done():  # cancelled: aiohttp cancels the handler of a client that left
         return
     if failed is not None:
-        # Already in the memory queue, so it may still be delivered: at least once, not lost.
+        # The pipeline leaves the chunk out (see Spool.refused): the client sends it again.
         answer.set_result(refusal(BodyError(503, "spool_unavailable", str(failed))))
     elif stored is None:
         answer.set_result(_accepted(count, ack))

@@ -5,8 +5,8 @@ Under ``--processes N`` the supervisor gives its workers a shared
 whichever worker answers ``GET /metrics`` reports the sum over all of them.
 
 Reconciliation, at every moment: ``payloads_accepted + payloads_replayed ==
-payloads_uploaded + payloads_dead_lettered + payloads_held``; ``payloads_durable``
-counts what reached the spool's disk.
+payloads_uploaded + payloads_dead_lettered + payloads_withdrawn + payloads_held``;
+``payloads_durable`` counts what reached the spool's disk.
 """
 
 from __future__ import annotations
@@ -66,6 +66,34 @@ SPOOL_BYTES = Gauge(
 )
 SPOOL_SEGMENTS = Gauge(
     "fastingest_spool_segments", "spool segment files", multiprocess_mode="livesum"
+)
+PAYLOADS_WITHDRAWN = Counter(
+    "fastingest_payloads_withdrawn",
+    "payloads answered 503 after their spool write failed, taken out of the queue",
+)
+OBJECTS_ALREADY_STORED = Counter(
+    "fastingest_objects_already_stored",
+    "objects found in the sink under their key already (stored before a restart)",
+)
+SINK_UP = Gauge(
+    "fastingest_sink_up",
+    "1 while objects reach the sink, 0 while delivery is stalled",
+    multiprocess_mode="livemin",
+)
+UNSTORED_OLDEST = Gauge(
+    "fastingest_unstored_oldest_seconds",
+    "age of the oldest payload waiting for the sink (0 when none waits)",
+    multiprocess_mode="livemax",
+)
+BACKLOG_OBJECTS = Gauge(
+    "fastingest_delivery_backlog_objects",
+    "closed objects waiting in the spool for the sink to answer",
+    multiprocess_mode="livesum",
+)
+BACKLOG_BYTES = Gauge(
+    "fastingest_delivery_backlog_bytes",
+    "uncompressed payload bytes of the objects waiting for the sink",
+    multiprocess_mode="livesum",
 )
 PAYLOADS_HELD = Gauge(
     "fastingest_payloads_held",

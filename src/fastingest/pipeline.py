@@ -6,18 +6,18 @@
               ->  batcher task: chunks -> open Batch (compressed as it grows) -> Upload
                   (or one Upload per payload); a closing batch is recorded in the spool
                   before its upload
-              ->  jobs: RingQueue of Upload (one slot per worker: backpressure to the batcher)
-              ->  WorkerPool: sink.put with retries
-              ->  sink, or the dead-letter directory after the last attempt   [ack uploaded]
+              ->  jobs: RingQueue of Upload (a few slots), or, while they are full or
+                  the sink fails, the delivery backlog (the bytes stay in the spool)
+              ->  WorkerPool -> Delivery.store: sink.put, the retry policy, dead letters
+              ->  sink, or the dead-letter directory               [ack uploaded]
               ->  spool: chunks stored, segments freed
 
 Every chunk gets a sequence number when accepted. The intake is FIFO with one
 producer (the event loop) and one consumer (the batcher), so the batcher knows
 each chunk's number by counting; the numbers name the objects (see KeyMaker).
 
-Everything the pipeline holds is reachable from it (intake, the open batch,
-hand-offs, jobs, in-flight uploads), so a shutdown that runs out of time
-dead-letters all of it instead of dropping it.
+Whatever the pipeline has accepted is in the spool until it is stored, so a stop
+that runs out of time, or a sink that is down, leaves it there for the next start.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import threading
 import time
 from collections import deque
@@ -44,22 +43,22 @@ from fastingest.batching import (
 )
 from fastingest.config import Settings, usable_cpus
 from fastingest.deadletter import DeadLetter
-from fastingest.errors import QueueClosed
+from fastingest.delivery import Delivery
+from fastingest.errors import QueueClosed, QueueFull
 from fastingest.pool import WorkerPool
 from fastingest.queue import RingQueue
-from fastingest.sinks import Sink, SinkError
-from fastingest.spool import BATCH, DATA, LAST_SEQ, Record, Spool, SpoolError
+from fastingest.sinks import Sink
+from fastingest.spool import BATCH, DATA, Marker, Record, Spool, SpoolError
 
 log = logging.getLogger("fastingest.pipeline")
 
 DRAIN_CHUNKS = 1024  # chunks the batcher takes from the intake per round
 JOBS_WAITING = 4  # closed batches queued for the upload workers
-SEAL_IN_THREAD_BYTES = 64 * 1024  # smaller bodies compress faster than a thread hop
-# Added niceness of the threads that seal what the batcher did not (batches rebuilt by a
-# spool replay, large per-payload objects), so that they leave most of a shared core to
-# the event loop.
+# Added niceness of the threads that seal what the batcher did not (batches read back
+# from the spool, large per-payload objects), so that they leave most of a shared core
+# to the event loop.
 SEAL_NICE = 4
-MARKER_RETRY = 0.5  # seconds between tries to record a closing batch on a failing disk
+DRAIN_POLL = 0.05  # seconds between looks at the delivery while a stop drains it
 
 
 def _lower_priority() -> None:
@@ -78,22 +77,33 @@ class Pipeline:
         # The payload count of each chunk in the intake, in the same order: known when the
         # chunk is accepted, so the batcher need not count its lines again.
         self._counts: deque[int] = deque()
-        # A few closed batches waiting for a worker keep the workers busy; more would only
-        # hold memory (each is up to --batch-max-bytes) while the sink is slow.
+        # A few closed batches waiting for a worker keep the workers busy; the rest wait in
+        # the delivery backlog, their bytes in the spool, not in memory.
         self.jobs: RingQueue[Upload] = RingQueue(min(settings.max_workers, JOBS_WAITING))
         # Batches come sealed from the batcher; what it did not seal (see SEAL_NICE) is
         # sealed here, one thread per CPU (zlib and zstd drop the GIL).
         self._sealer = ThreadPoolExecutor(
             usable_cpus(), thread_name_prefix="fastingest-seal", initializer=_lower_priority
         )
+        self.dead_letter = DeadLetter(settings.dead_letter_path)
+        self.delivery = Delivery(
+            sink,
+            self.spool,
+            self.dead_letter,
+            self.jobs,
+            self._done,
+            window=settings.delivery_window,
+            retry_base=settings.retry_base_delay,
+            retry_max=settings.retry_max_delay,
+            sealer=self._sealer,
+        )
         self.pool: WorkerPool[Upload] = WorkerPool(
             settings.max_workers,
-            self._store,
+            self.delivery.store,
             self.jobs,
             on_error=self._unexpected,
             name="fastingest-upload",
         )
-        self.dead_letter = DeadLetter(settings.dead_letter_path)
         self.keys: KeyMaker | None = None  # known once the spool is open
         self._next_seq = 0  # given to the next accepted chunk
         self._taken_seq = 0  # of the next chunk the batcher takes from the intake
@@ -101,8 +111,7 @@ class Pipeline:
         self._open_deadline = 0.0  # monotonic time the open batch must close by
         self._open_waiters = 0  # requests with ack "uploaded" whose chunk is in the open batch
         self._queued_payloads = 0  # payloads in the intake (for the metric)
-        self._handoff: deque[Upload] = deque()  # closed, not yet in `jobs`
-        self._in_flight: dict[int, Upload] = {}  # id -> upload being stored by a worker
+        self._handoff: deque[Upload] = deque()  # closed, not yet in `jobs` or the backlog
         self._parts_left: dict[int, int] = {}  # per-payload mode: seq -> objects to go
         self._upload_waiters: dict[int, asyncio.Future[bool]] = {}  # seq -> ack "uploaded"
         self._batcher: asyncio.Task[None] | None = None
@@ -114,11 +123,13 @@ class Pipeline:
         """Open the spool, start the workers, and put back what an earlier run left."""
         records = self.spool.open()
         self.keys = KeyMaker(self.sink.prefix, self.spool.id, self.spool.epoch)
-        seqs = [r.seq for r in records] + [r.batch[0] for r in records if r.kind == BATCH]
+        seqs = [r.seq for r in records] + [r.batch.last for r in records if r.kind == BATCH]
         self._next_seq = self._taken_seq = max(seqs, default=-1) + 1
         self._batcher = asyncio.get_running_loop().create_task(
             self._batch_loop(), name="fastingest-batcher"
         )
+        metrics.SINK_UP.set(1)
+        self.delivery.start()
         self.pool.start()
         if records:
             await self._replay(records)
@@ -127,30 +138,40 @@ class Pipeline:
         """Rebuild the objects a crashed run may have uploaded (same keys), requeue the rest."""
         assert self.keys is not None
         data = {r.seq: r for r in records if r.kind == DATA}
+        lowest = min(data, default=0)  # chunks below it were in segments deleted as stored
         covered: set[int] = set()
-        for m in (r for r in records if r.kind == BATCH):
-            last, key = m.batch
-            seqs = range(m.seq, last + 1)
-            covered.update(seqs)
-            if not all(s in data for s in seqs):
-                # Part of it is gone: its segment was freed because the batch was stored.
-                self.spool.stored([s for s in seqs if s in data], marker=m.seq)
+        for m in (r.batch for r in records if r.kind == BATCH):
+            covered.update(range(m.first, m.last + 1))
+            wanted = m.seqs
+            present = [s for s in wanted if s in data]
+            missing = [s for s in wanted if s not in data]
+            if not present or (missing and max(missing) < lowest):
+                # Its first chunks' segment is gone, which only a stored batch allows.
+                self.spool.stored(present, marker=m.first)
                 continue
-            chunks = [data[s].body for s in seqs]
-            compression = next((c for c, ext in EXTENSIONS.items() if key.endswith(ext)), "none")
+            if missing:
+                log.error(
+                    "spool: %d chunks of %s are damaged; storing the %d that are left",
+                    len(missing),
+                    m.key,
+                    len(present),
+                )
+            compression = next((c for c, ext in EXTENSIONS.items() if m.key.endswith(ext)), "none")
             upload = Upload(
-                key,
-                chunks,
-                sum(len(c) for c in chunks),
-                sum(c.count(b"\n") for c in chunks),
-                m.time,
-                max(data[s].time for s in seqs),
+                m.key,
+                [],
+                0,
+                sum(data[s].body.count(b"\n") for s in present),
+                m.opened,
+                max(data[s].time for s in present),
                 CONTENT_TYPES[compression],
-                seqs,
-                m.seq,
+                range(m.first, m.last + 1),
+                m.first,
                 compression,
+                excluded=m.excluded | frozenset(missing),
             )
-            await self._replayed(upload)
+            metrics.PAYLOADS_REPLAYED.inc(upload.payloads)
+            self.delivery.park(upload)  # read back from the spool when a worker takes it
         requeue = [data[s] for s in sorted(data) if s not in covered]
         if self.per_payload:
             for r in requeue:
@@ -158,29 +179,54 @@ class Pipeline:
                 if len(uploads) > 1:
                     self._parts_left[r.seq] = len(uploads)
                 for upload in uploads:
-                    await self._replayed(upload)
+                    metrics.PAYLOADS_REPLAYED.inc(upload.payloads)
+                    self.delivery.park(upload)
         else:
-            # Never part of a recorded batch, so never uploaded: take them in again.
-            ticket = 0
+            # Never part of a recorded batch, so never uploaded: batched where they lie, each
+            # batch recorded before its upload like any other, so that a crash during this
+            # replay leaves them covered, never requeued twice.
+            group: list[Record] = []
+            size = payloads = 0
             for r in requeue:
-                payloads = r.body.count(b"\n")
-                self._counts.append(payloads)  # first: the batcher may take the chunk at once
-                self._queued_payloads += payloads
-                await self.intake.aput(r.body)
-                ticket = self._spool_data(r.body, payloads)
-                metrics.PAYLOADS_REPLAYED.inc(payloads)
-            if requeue:
-                await self.spool.wait(ticket)
-                self.spool.stored([r.seq for r in requeue])  # the copies are durable now
+                if group and (
+                    r.seq != group[-1].seq + 1
+                    or size >= self.settings.batch_max_bytes
+                    or payloads >= self.settings.batch_max_payloads
+                ):
+                    await self._rebatch(group)
+                    group, size, payloads = [], 0, 0
+                group.append(r)
+                size += len(r.body)
+                payloads += r.body.count(b"\n")
+            if group:
+                await self._rebatch(group)
         log.info(
             "replayed the spool: %d chunks, %d damaged tails quarantined",
             len(data),
             self.spool.damaged,
         )
 
-    async def _replayed(self, upload: Upload) -> None:
+    async def _rebatch(self, chunks: list[Record]) -> None:
+        """Record consecutive chunks an earlier run left unbatched as a batch, then queue it."""
+        assert self.keys is not None
+        compression = self.settings.compression
+        first, last = chunks[0], chunks[-1]
+        upload = Upload(
+            self.keys.batch(first.time, first.seq, last.seq, EXTENSIONS[compression]),
+            [],
+            sum(len(c.body) for c in chunks),
+            sum(c.body.count(b"\n") for c in chunks),
+            first.time,
+            max(c.time for c in chunks),
+            CONTENT_TYPES[compression],
+            range(first.seq, last.seq + 1),
+            first.seq,
+            compression,
+        )
+        await self._record_batch(upload)
+        metrics.BATCHES_CLOSED.inc()
         metrics.PAYLOADS_REPLAYED.inc(upload.payloads)
-        await self.jobs.aput(upload)
+        self.delivery.park(upload)
 
     # --- intake -----------------------------------------------------------------
 
@@ -218,6 +264,14 @@ class Pipeline:
     @property
     def accepting(self) -> bool:
         return not self.intake.closed
+
+    def unready(self) -> str | None:
+        """Why new requests would be refused now (spool or memory full), or None."""
+        if self.spool.full:
+            return "spool_full"
+        if self.intake.full():
+            return "queue_full"
+        return None
 
     # --- batcher ----------------------------------------------------------------
 
@@ -257,11 +311,17 @@ class Pipeline:
         now = time.time()
         s = self.settings
         counts = self._counts
+        refused = self.spool.refused
         for chunk in chunks:
             seq = self._taken_seq
             self._taken_seq += 1
             payloads = counts.popleft()
             self._queued_payloads -= payloads
+            if refused and seq in refused:  # answered 503: the client sends it again
+                self._withdraw(seq)
+                if self._open is not None:
+                    self._open.skip(seq)
+                continue
             if self.per_payload:
                 uploads = per_payload(chunk, seq, self.keys, now)
                 if len(uploads) > 1:
@@ -278,6 +338,11 @@ class Pipeline:
         if self._open is not None:
             self._open.encode()
 
+    def _withdraw(self, seq: int) -> None:
+        """Chunk `seq`'s spool write failed and its client got 503: it is not delivered."""
+        metrics.PAYLOADS_WITHDRAWN.inc(self.spool.refused.pop(seq))
+        self._upload_waiters.pop(seq, None)  # answered already
+
     def _close_open(self) -> None:
         if self._open is not None and self._open.payloads:
             assert self.keys is not None
@@ -287,78 +352,46 @@ class Pipeline:
         self._open_waiters = 0
 
     async def _hand_over(self) -> None:
+        delivery = self.delivery
         while self._handoff:
             upload = self._handoff[0]
-            if upload.marker is not None:
-                await self._record_batch(upload)
-            await self.jobs.aput(upload)
+            if upload.marker is not None and not await self._record_batch(upload):
+                self._handoff.popleft()  # every chunk of it was withdrawn
+                continue
+            if delivery.parking:
+                delivery.park(upload)
+            elif self.per_payload:
+                await self.jobs.aput(upload)  # small objects: backpressure, not the backlog
+            else:
+                try:
+                    self.jobs.put_nowait(upload)
+                except QueueFull:  # the workers are busy: wait on disk, not in memory
+                    delivery.park(upload)
             self._handoff.popleft()
 
-    async def _record_batch(self, upload: Upload) -> None:
-        """Make the batch's boundaries durable before its upload may begin."""
-        body = LAST_SEQ.pack(upload.seqs.stop - 1) + upload.key.encode()
-        while True:
-            try:
-                await self.spool.wait(
-                    self.spool.append(BATCH, upload.seqs.start, upload.first, body)
-                )
-                return
-            except SpoolError:
-                await asyncio.sleep(MARKER_RETRY)
+    async def _record_batch(self, upload: Upload) -> bool:
+        """Make the batch's boundaries durable before its upload may begin.
 
-    # --- workers ----------------------------------------------------------------
+        False if nothing is left of it: each of its chunks was withdrawn.
+        """
+        spool = self.spool
+        await spool.settled()  # each of its chunks is now durable or refused
+        if spool.refused and (late := [s for s in upload.seqs if s in spool.refused]):
+            for seq in late:  # framed before its write failed: leave it out
+                self._withdraw(seq)
+            upload.excluded |= frozenset(late)
+            upload.unload()  # its body holds them: it is read back from the spool instead
+            if len(upload.excluded) == len(upload.seqs):
+                return False
+        marker = Marker(
+            upload.seqs.start, upload.seqs.stop - 1, upload.key, upload.first, upload.excluded
+        )
+        await spool.wait(
+            spool.append(BATCH, marker.first, upload.first, marker.pack()), refuses=False
+        )
+        return True
 
-    async def _store(self, upload: Upload) -> None:
-        """Seal and store one object, retrying; dead-letter it after the last attempt."""
-        self._in_flight[id(upload)] = upload
-        s = self.settings
-        attempt = 0
-        started = time.monotonic()
-        try:
-            if not upload.body:  # a batch comes sealed from the batcher
-                if upload.raw_size > SEAL_IN_THREAD_BYTES:
-                    await asyncio.get_running_loop().run_in_executor(self._sealer, upload.seal)
-                else:
-                    upload.seal()
-            while True:
-                attempt += 1
-                try:
-                    await self.sink.put(upload)
-                    break
-                except SinkError as exc:
-                    if not exc.retryable or attempt >= s.upload_attempts:
-                        raise
-                    metrics.UPLOAD_RETRIES.labels(exc.kind).inc()
-                    # Full jitter: spreads a fleet's retries after a store hiccup.
-                    delay = random.uniform(
-                        0, min(s.retry_max, s.retry_base_delay * 2 ** (attempt - 1))
-                    )
-                    log.warning(
-                        "upload %s failed (%s), attempt %d/%d, retrying in %.2fs",
-                        upload.key,
-                        exc,
-                        attempt,
-                        s.upload_attempts,
-                        delay,
-                    )
-                    await asyncio.sleep(delay)
-        except asyncio.CancelledError:
-            raise  # still in _in_flight: the shutdown path dead-letters it
-        except Exception as exc:
-            self._give_up(upload, exc, attempt)
-            return
-        del self._in_flight[id(upload)]
-        metrics.UPLOAD_SECONDS.observe(time.monotonic() - started)
-        metrics.OBJECTS_UPLOADED.inc()
-        metrics.PAYLOADS_UPLOADED.inc(upload.payloads)
-        metrics.BYTES_OUT.inc(len(upload.body))
-        self._done(upload, True)
-
-    def _give_up(self, upload: Upload, exc: BaseException | str, attempts: int) -> None:
-        upload.seal()
-        self.dead_letter.store(upload, exc, attempts)
-        self._in_flight.pop(id(upload), None)
-        self._done(upload, False)
+    # --- completion ---------------------------------------------------------------
 
     def _done(self, upload: Upload, uploaded: bool) -> None:
         """`upload` is stored (sink or dead letter): free its spool records, answer waiters."""
@@ -378,8 +411,9 @@ class Pipeline:
         self.spool.stored(finished, marker=upload.marker)
 
     def _unexpected(self, upload: Upload, exc: BaseException) -> None:
-        # _store handles its own errors; this is the pool's safety net for a bug in it.
-        self._give_up(upload, exc, 0)
+        # Delivery.store handles its own errors; this is the pool's safety net for a bug in
+        # it: the object waits in the backlog (its bytes in the spool) and is tried again.
+        self.delivery.park(upload)
 
     # --- metrics ----------------------------------------------------------------
 
@@ -390,41 +424,61 @@ class Pipeline:
         m.QUEUE_BYTES.set(self.intake.nbytes)
         m.SPOOL_BYTES.set(self.spool.on_disk)
         m.SPOOL_SEGMENTS.set(len(self.spool.segments))
-        held = m.total(m.PAYLOADS_ACCEPTED) + m.total(m.PAYLOADS_REPLAYED)
-        m.PAYLOADS_HELD.set(held - m.total(m.PAYLOADS_UPLOADED) - m.total(m.PAYLOADS_DEAD))
+        m.PAYLOADS_HELD.set(self.held())
+        backlog = self.delivery.backlog
+        m.BACKLOG_OBJECTS.set(len(backlog))
+        m.BACKLOG_BYTES.set(sum(u.raw_size for u in backlog))
+        oldest = self.delivery.oldest()
+        m.UNSTORED_OLDEST.set(0 if oldest is None else max(0.0, time.time() - oldest))
+        m.SINK_UP.set(0 if self.delivery.failing else 1)
+
+    def held(self) -> int:
+        """Payloads this process took (or replayed) and has not stored or withdrawn."""
+        m = metrics
+        taken = m.total(m.PAYLOADS_ACCEPTED) + m.total(m.PAYLOADS_REPLAYED)
+        gone = m.total(m.PAYLOADS_UPLOADED) + m.total(m.PAYLOADS_DEAD)
+        return int(taken - gone - m.total(m.PAYLOADS_WITHDRAWN))
 
     # --- shutdown ---------------------------------------------------------------
 
     async def stop(self, timeout: float) -> None:
-        """Drain everything to the sink within `timeout`, then dead-letter what is left."""
+        """Drain everything to the sink within `timeout`; what is left stays in the spool."""
         self.intake.close()
         assert self._batcher is not None
+        drained = False
         try:
             async with asyncio.timeout(timeout):
                 await self._batcher
-                await self.pool.stop(drain=True)  # type: ignore[misc]
+                drained = await self._drained()
         except TimeoutError:
-            log.error("shutdown deadline (%.1fs) passed: dead-lettering what is left", timeout)
-            await self._dead_letter_everything()
+            log.error("shutdown deadline (%.1fs) passed before everything was stored", timeout)
+        if drained:
+            await self.pool.stop(drain=True)  # type: ignore[misc]
+        else:
+            await self._abandon()
+        await self.delivery.close()
         self._sealer.shutdown(wait=True)
         await self.spool.close()
+        if (held := self.held()) > 0:
+            log.warning(
+                "%d accepted payloads stay in the spool %s: the next start on it delivers them",
+                held,
+                self.spool.root,
+            )
 
-    async def _dead_letter_everything(self) -> None:
+    async def _drained(self) -> bool:
+        """Wait until nothing waits to be stored (True), or only what a failing sink holds up."""
+        delivery = self.delivery
+        while not delivery.idle:
+            if delivery.failing and not delivery.in_flight and not self.jobs.qsize():
+                log.error("the sink is failing (%s): not waiting for it", delivery.last_error)
+                return False
+            await asyncio.sleep(DRAIN_POLL)
+        return True
+
+    async def _abandon(self) -> None:
+        """Stop batching and uploading now; the spool keeps everything not yet stored."""
         assert self._batcher is not None
         self._batcher.cancel()
         await asyncio.gather(self._batcher, return_exceptions=True)
-        left = await self.pool.abort()
-        left += list(self._in_flight.values())
-        while self.jobs.qsize():
-            left += self.jobs.get_many(DRAIN_CHUNKS)
-        while True:  # frame what is still queued exactly as the batcher would have
-            try:
-                self._frame(self.intake.get_many(DRAIN_CHUNKS))
-            except QueueClosed:
-                break
-        self._close_open()
-        left += self._handoff
-        self._handoff.clear()
-        for upload in left:
-            self._give_up(upload, "shutdown deadline passed before upload", 0)
-        self._in_flight.clear()
+        await self.pool.abort()

@@ -1,32 +1,39 @@
-"""The on-disk spool: what makes "acknowledged" survive ``kill -9``.
+"""The on-disk spool: what makes "acknowledged" survive ``kill -9`` and a sink outage.
 
 Every accepted request is appended, in acceptance order, to an append-only
 segment file as one record. A flusher task writes whatever has accumulated in
 one go and fsyncs it when a record in it asked for that (group commit: requests
 that arrive together share one fsync), so a ``durable`` answer costs one fsync
-shared by many requests. A write with an fsync runs in a thread; one without
-goes to the page cache from the event loop, which costs less than the thread hop.
-Whatever may wait on the disk (an fsync, starting a segment, deleting one: a
-64 MiB unlink took 21 ms here) stays off the event loop.
+shared by many requests. A write with an fsync runs in the spool's own thread;
+one without goes to the page cache from the event loop, which costs less than
+the thread hop. Whatever may wait on the disk (an fsync, starting a segment,
+deleting one) stays off the event loop.
 
 Records taken at ack level ``received`` ask for no fsync: that level promises
-only a graceful stop, and an fsync here costs a vCPU 0.1-0.7 ms (measured: see
-bench/README.md). They are still written within a flush or so of their answer,
-so they survive ``kill -9`` (the page cache outlives the process), and the next
-fsync of their segment (a ``durable`` request, a batch marker, the segment's
-end) makes them durable too.
+only a graceful stop. They are still written within a flush or so of their
+answer, so they survive ``kill -9`` (the page cache outlives the process), and
+the next fsync of their segment makes them durable too.
 
 Record: ``<u32 body length><u32 crc32 of the rest><u8 kind><u64 seq><f64 time><body>``.
 ``DATA`` records hold one request's NDJSON chunk under its sequence number.
 ``BATCH`` records are written (and fsynced) when a batch closes, before its
-upload: ``seq`` is its first chunk, the body its last chunk and its object key.
-So after a crash, replay rebuilds exactly the objects that may already have
-been uploaded, under the same keys, and a conditional PUT turns the repeat
-into a no-op instead of a duplicate.
+upload: ``seq`` is its first chunk, the body its last chunk, its object key and
+the chunks inside its range that it leaves out (see ``Marker``). So after a
+crash, replay rebuilds exactly the objects that may already have been uploaded,
+under the same keys, and a conditional PUT turns the repeat into a no-op.
 
-A segment is deleted once every record in it is stored (uploaded or
-dead-lettered). A torn or corrupt tail found at start is moved to
-``quarantine/`` and reported; the process starts anyway.
+A failed write answers the records someone waits on (``durable`` requests) with
+SpoolError, and their chunks are listed in ``refused`` so that the pipeline
+leaves them out; the records nobody waits on (``received`` requests, batch
+markers) were already answered or cannot be refused, so they are written again,
+in order, into a fresh segment once the disk takes writes again.
+
+Segments are deleted oldest first, each once every record in it is stored
+(uploaded or durably dead-lettered) and every older one is gone, so a chunk's
+segment can only be missing when the chunk and every batch holding it were
+stored. The active segment is rolled and freed as soon as it is fully stored.
+A torn or corrupt tail found at start is moved to ``quarantine/`` and reported;
+the process starts anyway.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import contextlib
 import fcntl
 import functools
 import logging
+import mmap
 import os
 import queue
 import secrets
@@ -60,10 +68,19 @@ _META = struct.Struct("<BQd")  # kind, seq, time
 RECORD = struct.Struct(_LENGTH_CRC.format + _META.format[1:])  # a record's head, as read
 CRC_FROM = _LENGTH_CRC.size  # the crc covers kind, seq, time and body
 LAST_SEQ = struct.Struct("<Q")
+EXCLUDED_AT = b"\x00"  # in a marker's body: the left-out seqs follow (keys never hold NUL)
 DATA, BATCH = 1, 2
-DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+MIN_SEGMENT_BYTES = 64 * 1024
+MAX_SEGMENT_BYTES = 64 * 1024 * 1024
+SEGMENTS_PER_SPOOL = 8  # segments are sized so that a full spool holds about this many
 MAX_RECORD = 1 << 30
-FAILED_BACKOFF = 1.0  # seconds new requests are refused after a failed flush
+FAILED_BACKOFF = 1.0  # seconds new requests are refused, and writes wait, after a failed write
+INDEX_EVERY = 256  # data records between two entries of a replayed segment's read index
+
+
+def segment_size(max_bytes: int) -> int:
+    """A segment is freed only whole: small enough that a full spool can give space back."""
+    return max(MIN_SEGMENT_BYTES, min(MAX_SEGMENT_BYTES, max_bytes // SEGMENTS_PER_SPOOL))
 
 
 class SpoolError(Exception):
@@ -77,12 +94,41 @@ class Record:
     time: float
     body: bytes
     epoch: int  # of the process that wrote it
+    offset: int = 0  # in its segment file
 
     @property
-    def batch(self) -> tuple[int, str]:
-        """For BATCH records: (last seq, key)."""
-        (last,) = LAST_SEQ.unpack_from(self.body)
-        return last, self.body[LAST_SEQ.size :].decode()
+    def batch(self) -> Marker:
+        """For BATCH records: the batch it describes."""
+        return Marker.unpack(self.seq, self.time, self.body)
+
+
+@dataclass(slots=True, frozen=True)
+class Marker:
+    """A closed batch as its BATCH record holds it: chunks first..last but `excluded`."""
+
+    first: int
+    last: int
+    key: str
+    opened: float
+    excluded: frozenset[int] = frozenset()
+
+    def pack(self) -> bytes:
+        body = LAST_SEQ.pack(self.last) + self.key.encode()
+        if self.excluded:
+            body += EXCLUDED_AT + struct.pack(f"<{len(self.excluded)}Q", *sorted(self.excluded))
+        return body
+
+    @classmethod
+    def unpack(cls, first: int, opened: float, body: bytes) -> Marker:
+        (last,) = LAST_SEQ.unpack_from(body)
+        key, _, rest = body[LAST_SEQ.size :].partition(EXCLUDED_AT)
+        excluded = frozenset(struct.unpack(f"<{len(rest) // 8}Q", rest)) if rest else frozenset()
+        return cls(first, last, key.decode(), opened, excluded)
+
+    @property
+    def seqs(self) -> list[int]:
+        """The chunks the batch holds, ascending."""
+        return [s for s in range(self.first, self.last + 1) if s not in self.excluded]
 
 
 def frame(kind: int, seq: int, ts: float, body: bytes) -> bytes:
@@ -97,11 +143,32 @@ def head(kind: int, seq: int, ts: float, body: bytes) -> bytes:
 
 @dataclass(slots=True)
 class Segment:
+    """One segment file and the ledger of what in it is not stored yet."""
+
     path: Path
     epoch: int
     size: int = 0
-    seqs: list[int] = field(default_factory=list)  # data seqs, ascending
+    runs: list[list[int]] = field(default_factory=list)  # [start, stop) of its data seqs
+    index: list[tuple[int, int]] = field(default_factory=list)  # (data seq, its offset)
     pending: int = 0  # records not yet stored (data chunks and batch markers)
+
+    def add(self, seqs: list[int]) -> None:
+        """Data seqs now in this segment, ascending, each above the ones it holds."""
+        runs = self.runs
+        for seq in seqs:
+            if runs and runs[-1][1] == seq:
+                runs[-1][1] = seq + 1
+            else:
+                runs.append([seq, seq + 1])
+
+    def overlap(self, start: int, stop: int) -> int:
+        """How many of seqs [start, stop) this segment holds."""
+        return sum(max(0, min(stop, b) - max(start, a)) for a, b in self.runs)
+
+    def offset(self, seq: int) -> int:
+        """Where reading must start to find data seq `seq` and those after it."""
+        i = bisect.bisect_right(self.index, (seq, 1 << 62)) - 1
+        return self.index[i][1] if i >= 0 else SEGMENT_HEADER.size
 
 
 def read_segment(path: Path, quarantine: Path) -> tuple[int, list[Record], int, bool]:
@@ -125,12 +192,38 @@ def read_segment(path: Path, quarantine: Path) -> tuple[int, list[Record], int, 
         if crc32(data[pos + CRC_FROM : end]) != crc or kind not in (DATA, BATCH):
             reason = "checksum mismatch"
             break
-        records.append(Record(kind, seq, ts, data[pos + RECORD.size : end], epoch))
+        records.append(Record(kind, seq, ts, data[pos + RECORD.size : end], epoch, pos))
         pos = end
     else:
         return epoch, records, pos, False
     _quarantine(path, data, pos, quarantine, reason)
     return epoch, records, pos, True
+
+
+def read_chunks(
+    plan: list[tuple[Path, int, int]], start: int, stop: int
+) -> dict[int, tuple[bytes, float]]:
+    """Data records with seq in [start, stop) from (path, offset, end) spans: seq -> (body, time).
+
+    Runs in a thread. The spans come from the ledger, so every record read was written
+    whole and checked at start or by its own write.
+    """
+    found: dict[int, tuple[bytes, float]] = {}
+    for path, offset, end in plan:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            pos = offset
+            end = min(end, len(m))
+            while pos + RECORD.size <= end:
+                length, _, kind, seq, ts = RECORD.unpack_from(m, pos)
+                body_at = pos + RECORD.size
+                pos = body_at + length
+                if kind != DATA:
+                    continue
+                if seq >= stop:
+                    break
+                if seq >= start:
+                    found[seq] = (m[body_at:pos], ts)
+    return found
 
 
 def _quarantine(path: Path, data: bytes, pos: int, quarantine: Path, reason: str) -> None:
@@ -150,13 +243,18 @@ def _quarantine(path: Path, data: bytes, pos: int, quarantine: Path, reason: str
     )
 
 
+# A buffered record: (ticket, kind, seq, payloads); its head and body are in _buffer.
+_Entry = tuple[int, int, int, int]
+# A waiter: (ticket, callback, refuses): `refuses` turns a failed write of its record into
+# a refusal (its client is answered 503) instead of writing the record again.
+_Waiter = tuple[int, Callable[["SpoolError | None"], None], bool]
+
+
 class Spool:
-    def __init__(
-        self, root: Path, max_bytes: int, segment_bytes: int = DEFAULT_SEGMENT_BYTES
-    ) -> None:
+    def __init__(self, root: Path, max_bytes: int, segment_bytes: int | None = None) -> None:
         self.root = root
         self.max_bytes = max_bytes
-        self.segment_bytes = segment_bytes
+        self.segment_bytes = segment_bytes or segment_size(max_bytes)
         self.quarantine = root / "quarantine"
         self.id = ""  # stable across restarts of this spool directory
         self.epoch = 0  # increments at every start: keys never repeat across restarts
@@ -165,23 +263,25 @@ class Spool:
         self._marks: dict[int, Segment] = {}  # batch first seq -> segment of its marker
         self._early: set[tuple[int, int]] = set()  # (kind, seq) stored before it was written
         self._buffer: list[bytes] = []  # record heads and bodies, in order
-        self._data_seqs: list[int] = []  # of the buffered DATA records, ascending
-        self._marker_seqs: list[int] = []  # of the buffered BATCH records
-        self._buffered_payloads = 0
+        self._entries: list[_Entry] = []  # one per buffered record, in the same order
         self._buffered = 0
         self._appended = 0  # records appended, ever
         self._sync_through = 0  # the last record that asked for an fsync (or was waited on)
         self._durable = 0  # records known to be on disk
+        self._written_seq = -1  # the highest data seq written to a segment
         self._unsynced_payloads = 0  # written since the last fsync
-        self._waiters: list[tuple[int, Callable[[SpoolError | None], None]]] = []
+        self._waiters: list[_Waiter] = []
         self._flusher: asyncio.Task[None] | None = None
         self._syncer = _Syncer()
         self._file: int = -1
         self._index = 0  # of the segment being written, within this epoch
         self._lock_fd = -1
         self._failed_until = 0.0
+        self._failing = False  # the last write failed; logged once until one succeeds
         self._rotate_after = 0.0  # loop time; a failed rotation is retried after it
         self._unlinking: set[asyncio.Future[None]] = set()
+        # Data seq -> payloads, for chunks whose write failed and whose clients got 503.
+        self.refused: dict[int, int] = {}
         self.on_disk = 0  # bytes in segment files
         self.damaged = 0  # quarantined tails found at start
 
@@ -189,28 +289,48 @@ class Spool:
 
     def open(self) -> list[Record]:
         """Lock the directory, read what earlier runs left, start a new segment."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SystemExit(
-                f"fastingest: spool {self.root} is in use by another process"
-            ) from None
-        self.id = self._state("id", lambda old: old or secrets.token_hex(4))
-        self.epoch = int(self._state("epoch", lambda old: str(int(old or 0) + 1)))
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock()
+            self.id = self._state("id", lambda old: old or secrets.token_hex(4))
+            self.epoch = int(self._state("epoch", lambda old: str(int(old or 0) + 1)))
+        except OSError as exc:
+            raise SystemExit(f"fastingest: cannot use the spool {self.root}: {exc}") from None
         records: list[Record] = []
         for path in sorted(self.root.glob("seg-*.log")):
             epoch, found, size, damaged = read_segment(path, self.quarantine)
             self.damaged += damaged
             seg = Segment(path, epoch, size)
             self.segments.append(seg)
-            data = [r.seq for r in found if r.kind == DATA]
-            self._count(seg, data, [r.seq for r in found if r.kind == BATCH])
+            data = [r for r in found if r.kind == DATA]
+            seg.index = [(r.seq, r.offset) for r in data[::INDEX_EVERY]]
+            self._count(seg, [r.seq for r in data], [r.seq for r in found if r.kind == BATCH])
+            self._written_seq = max(self._written_seq, data[-1].seq if data else -1)
             records += found
             self.on_disk += size
-        self._rotate()
+        try:
+            self._rotate()
+        except OSError as exc:
+            raise SystemExit(
+                f"fastingest: cannot start a spool segment in {self.root}: {exc.strerror or exc}"
+            ) from None
         return records
+
+    def _lock(self) -> None:
+        """Hold the directory for this process; name the holder if another one has it."""
+        path = self.root / "LOCK"
+        self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text().strip() or "unknown"
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            raise SystemExit(
+                f"fastingest: spool {self.root} is in use by another process (pid {holder})"
+            ) from None
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
 
     def _state(self, name: str, update: Callable[[str], str]) -> str:
         """Read, update and durably rewrite a small state file of the spool."""
@@ -228,13 +348,13 @@ class Spool:
 
     def _count(self, seg: Segment, data: list[int], markers: list[int]) -> None:
         """These records now live in `seg` and are pending until stored()."""
+        if data:
+            if not seg.runs:
+                self._by_seq.append((data[0], seg))
+            seg.add(data)  # stored or not: the ledger says where each seq lives
         if self._early:  # some were stored before they reached the disk: they are done
             data, markers = self._not_early(DATA, data), self._not_early(BATCH, markers)
         seg.pending += len(data) + len(markers)
-        if data:
-            if not seg.seqs:
-                self._by_seq.append((data[0], seg))
-            seg.seqs += data
         for seq in markers:
             self._marks[seq] = seg
 
@@ -248,6 +368,15 @@ class Spool:
         return kept
 
     # --- writing ---------------------------------------------------------------
+
+    @property
+    def full(self) -> bool:
+        """Whether new requests are refused now (the bound is reached, or the disk failed)."""
+        try:
+            self.check(0)
+        except SpoolError:
+            return True
+        return False
 
     def check(self, size: int) -> None:
         """Raise SpoolError unless a record of `size` bytes may be taken now."""
@@ -265,22 +394,28 @@ class Spool:
         """
         before = head(kind, seq, ts, body)
         self._buffer += (before, body)
-        (self._data_seqs if kind == DATA else self._marker_seqs).append(seq)
-        self._buffered_payloads += payloads
-        self._buffered += len(before) + len(body)
         self._appended += 1
+        self._entries.append((self._appended, kind, seq, payloads))
+        self._buffered += len(before) + len(body)
         if sync:
             self._sync_through = self._appended
         self._start_flusher()
         return self._appended
 
-    def when_durable(self, ticket: int, callback: Callable[[SpoolError | None], None]) -> None:
+    def when_durable(
+        self,
+        ticket: int,
+        callback: Callable[[SpoolError | None], None],
+        *,
+        refuses: bool = True,
+    ) -> None:
         """Call ``callback(None)`` once record `ticket` is fsynced, ``callback(error)`` if its
         write failed: at once if it already is, else from the flusher, on the event loop.
 
         A callback, not a future to await: a ``durable`` request is answered from here
         without a task of its own (a task and its coroutines cost more than the request's
-        share of the fsync).
+        share of the fsync). Without `refuses`, a failed write does not refuse the record:
+        it is written again, and the callback waits for that.
         """
         if ticket <= self._durable:
             callback(None)
@@ -288,13 +423,18 @@ class Spool:
         if ticket > self._sync_through:  # appended without sync: it needs one now
             self._sync_through = ticket
             self._start_flusher()
-        self._waiters.append((ticket, callback))
+        self._waiters.append((ticket, callback, refuses))
 
-    async def wait(self, ticket: int) -> None:
+    async def wait(self, ticket: int, *, refuses: bool = True) -> None:
         """Return once record `ticket` is fsynced; SpoolError if its write failed."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.when_durable(ticket, functools.partial(_resolve, fut))
+        self.when_durable(ticket, functools.partial(_resolve, fut), refuses=refuses)
         await fut
+
+    async def settled(self) -> None:
+        """Return once every record appended so far is durable or refused."""
+        if self._appended > self._durable:
+            await self.wait(self._appended, refuses=False)
 
     def _start_flusher(self) -> None:
         if self._flusher is None:
@@ -303,13 +443,19 @@ class Spool:
             )
 
     async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            while self._buffer or self._sync_through > self._durable:
-                data, seqs, markers = b"".join(self._buffer), self._data_seqs, self._marker_seqs
-                upto = self._appended
-                self._unsynced_payloads += self._buffered_payloads
-                self._buffer, self._data_seqs, self._marker_seqs = [], [], []
-                self._buffered = self._buffered_payloads = 0
+            while True:
+                if self._reclaimable():
+                    await self._roll()
+                if not (self._buffer or self._sync_through > self._durable):
+                    break
+                if self._failing:  # let the disk recover before writing the kept records again
+                    await asyncio.sleep(max(0.0, self._failed_until - loop.time()))
+                buffer, entries = self._buffer, self._entries
+                data, upto = b"".join(buffer), self._appended
+                self._buffer, self._entries = [], []
+                self._buffered = 0
                 seg = self.segments[-1]
                 full = seg.size + len(data) >= self.segment_bytes
                 sync = self._sync_through > self._durable or full  # a segment ends fsynced
@@ -319,23 +465,31 @@ class Spool:
                     else:
                         _write(self._file, data, seg.size, False)
                 except OSError as exc:
-                    self._failed(upto, exc)
+                    self._failed(upto, exc, buffer, entries)
                     continue
+                if self._failing:
+                    self._failing = False
+                    log.warning("spool writes succeed again")
                 # Bookkeeping stays on the event loop; the thread only wrote and synced.
+                seqs = [e[2] for e in entries if e[1] == DATA]
+                if seqs:
+                    seg.index.append((seqs[0], seg.size))
+                    self._written_seq = seqs[-1]
                 seg.size += len(data)
                 self.on_disk += len(data)
-                self._count(seg, seqs, markers)
+                self._count(seg, seqs, [e[2] for e in entries if e[1] == BATCH])
+                self._unsynced_payloads += sum(e[3] for e in entries)
                 if sync:
                     self._durable = upto
                     metrics.PAYLOADS_DURABLE.inc(self._unsynced_payloads)
                     self._unsynced_payloads = 0
-                    self._settle(upto, None)
+                    self._settle(upto)
                 if full:
-                    await self._roll(seg)
+                    await self._roll()
         finally:
             self._flusher = None
 
-    async def _roll(self, full: Segment) -> None:
+    async def _roll(self) -> None:
         """Start the next segment, in a thread; records appended meanwhile wait in the buffer."""
         loop = asyncio.get_running_loop()
         if loop.time() < self._rotate_after:
@@ -348,30 +502,53 @@ class Spool:
             self._rotate_after = loop.time() + FAILED_BACKOFF
             return
         self._begin(path, fd)
-        if full.pending <= 0:  # stored while it was still the active segment
-            self._drop(full)
+        self._free()
 
-    def _failed(self, upto: int, exc: OSError) -> None:
-        log.error("SPOOL WRITE FAILED (%s): refusing requests that need it; will retry", exc)
+    def _failed(self, upto: int, exc: OSError, buffer: list[bytes], entries: list[_Entry]) -> None:
+        """A write failed: refuse the records clients wait on, keep the rest to write again."""
+        if not self._failing:
+            log.error("SPOOL WRITE FAILED (%s): refusing requests that need it; will retry", exc)
+        self._failing = True
         self._failed_until = asyncio.get_running_loop().time() + FAILED_BACKOFF
-        self._durable = upto  # nothing waits on these any more: they were answered 503
-        self._unsynced_payloads = 0
-        self._settle(upto, SpoolError(f"spool write failed: {exc.strerror or exc}"))
+        error = SpoolError(f"spool write failed: {exc.strerror or exc}")
+        claimed = {t for t, _, refuses in self._waiters if refuses and t <= upto}
+        kept_buffer: list[bytes] = []
+        kept: list[_Entry] = []
+        refused_tickets = set()
+        for i, entry in enumerate(entries):
+            ticket, kind, seq, payloads = entry
+            if kind == DATA and ticket in claimed:
+                self.refused[seq] = payloads
+                refused_tickets.add(ticket)
+            else:
+                kept.append(entry)
+                kept_buffer += buffer[2 * i : 2 * i + 2]
+        self._buffer = kept_buffer + self._buffer
+        self._entries = kept + self._entries
+        self._buffered += sum(len(b) for b in kept_buffer)
+        if not kept and not self._entries and self._sync_through <= upto:
+            self._durable = upto  # nothing left that this write owed anyone
+        waiting = []
+        for waiter in self._waiters:
+            if waiter[0] in refused_tickets:
+                _call(waiter[1], error)
+            else:
+                waiting.append(waiter)
+        self._waiters = waiting
         try:  # a fresh segment: the failed one may sit on a bad region or at a size limit
             self._rotate()
         except OSError as again:
             log.error("cannot start a new spool segment either (%s)", again)
+        else:
+            self._free()
 
-    def _settle(self, upto: int, exc: SpoolError | None) -> None:
+    def _settle(self, upto: int) -> None:
         keep = []
-        for ticket, callback in self._waiters:
-            if ticket > upto:
-                keep.append((ticket, callback))
-                continue
-            try:
-                callback(exc)
-            except Exception:  # a bug in one waiter must not stop the flusher for all
-                log.exception("a spool waiter failed")
+        for waiter in self._waiters:
+            if waiter[0] > upto:
+                keep.append(waiter)
+            else:
+                _call(waiter[1], None)
         self._waiters = keep
 
     def _rotate(self) -> None:
@@ -395,35 +572,41 @@ class Spool:
     def stored(self, seqs: Iterable[int], marker: int | None = None) -> None:
         """Chunks `seqs` (and the batch marker keyed by `marker`) are stored; free segments.
 
-        A batch's seqs are a range, and each segment holds a run of consecutive seqs, so
+        A batch's seqs are a range, and each segment holds runs of consecutive seqs, so
         a range is settled a segment at a time, not a seq at a time: this runs on the
-        event loop, for up to --batch-max-payloads seqs at once.
+        event loop, for up to --batch-max-payloads seqs at once. Seqs no segment holds
+        (refused ones) are skipped.
         """
-        touched: set[int] = set()
         firsts = [first for first, _ in self._by_seq]
-        for seq, stop in _runs(seqs):
-            while seq < stop:
-                i = bisect.bisect_right(firsts, seq) - 1
-                if i < 0 or seq > self._by_seq[i][1].seqs[-1]:
-                    self._early.add((DATA, seq))  # its record is still in the write buffer
-                    seq += 1
-                    continue
+        for start, stop in _runs(seqs):
+            if stop - 1 > self._written_seq:  # still in the write buffer
+                for seq in range(max(start, self._written_seq + 1), stop):
+                    self._early.add((DATA, seq))
+                stop = self._written_seq + 1
+            i = max(0, bisect.bisect_right(firsts, start) - 1)
+            while i < len(firsts) and firsts[i] < stop:
                 seg = self._by_seq[i][1]
-                upto = min(stop, seg.seqs[-1] + 1)  # the run's part in this segment
-                seg.pending -= upto - seq
-                touched.add(id(seg))
-                seq = upto
+                seg.pending -= seg.overlap(start, stop)
+                i += 1
         if marker is not None:
             holder = self._marks.pop(marker, None)
             if holder is None:
                 self._early.add((BATCH, marker))
             else:
                 holder.pending -= 1
-                touched.add(id(holder))
+        self._free()
+
+    def _free(self) -> None:
+        """Delete the oldest segments while they are fully stored; roll a stored active one."""
+        while len(self.segments) > 1 and self.segments[0].pending <= 0:
+            self._drop(self.segments[0])
+        if self._reclaimable():
+            self._start_flusher()  # it rolls the segment before it writes anything new
+
+    def _reclaimable(self) -> bool:
+        """The active segment alone is left, holds records, and all of them are stored."""
         active = self.segments[-1]
-        for seg in [s for s in self.segments if id(s) in touched]:
-            if seg.pending <= 0 and seg is not active:
-                self._drop(seg)
+        return len(self.segments) == 1 and active.pending <= 0 and active.size > SEGMENT_HEADER.size
 
     def _drop(self, seg: Segment) -> None:
         self.segments.remove(seg)
@@ -442,6 +625,29 @@ class Spool:
         """Return once the files of the segments freed so far are deleted."""
         await asyncio.gather(*self._unlinking, return_exceptions=True)
 
+    # --- reading back ------------------------------------------------------------
+
+    @property
+    def oldest_seq(self) -> int:
+        """The lowest data seq still in a segment (or one past the last written)."""
+        return self._by_seq[0][0] if self._by_seq else self._written_seq + 1
+
+    def written(self, seq: int) -> bool:
+        """Whether data seq `seq` has reached a segment file (not only the write buffer)."""
+        return seq <= self._written_seq
+
+    async def read(self, start: int, stop: int) -> dict[int, tuple[bytes, float]]:
+        """The chunks with seqs in [start, stop) that the segments hold: seq -> (body, time).
+
+        Read in a thread. Every seq asked for must have been written (see written()).
+        """
+        plan = [
+            (seg.path, seg.offset(start), seg.size)
+            for seg in self.segments
+            if seg.runs and seg.runs[0][0] < stop and seg.runs[-1][1] > start
+        ]
+        return await asyncio.to_thread(read_chunks, plan, start, stop)
+
     async def close(self) -> None:
         if self._durable < self._appended:  # what `received` left unsynced ends durable
             self._sync_through = self._appended
@@ -452,12 +658,19 @@ class Spool:
         if self._file >= 0:
             os.close(self._file)
             self._file = -1
-        for seg in [s for s in self.segments if s.pending <= 0]:
-            self._drop(seg)
+        while self.segments and self.segments[0].pending <= 0:  # oldest first, as always
+            self._drop(self.segments[0])
         await self.unlinked()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def _call(callback: Callable[[SpoolError | None], None], error: SpoolError | None) -> None:
+    try:
+        callback(error)
+    except Exception:  # a bug in one waiter must not stop the flusher for all
+        log.exception("a spool waiter failed")
 
 
 def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:

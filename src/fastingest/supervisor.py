@@ -4,11 +4,14 @@ The parent reserves the port (so ``:0`` works), starts N children running
 ``fastingest serve`` with ``--processes 1`` on it, each with its own queue,
 workers, batches and spool (``<spool-dir>/<index>``), forwards SIGTERM/SIGINT,
 restarts a child that dies (its replacement replays the same spool), and exits
-only after every child has drained.
+only after every child has drained. A child gets SIGTERM (and drains) when the
+supervisor dies, so a ``kill -9`` of the supervisor leaves no worker behind.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 import shutil
@@ -19,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 log = logging.getLogger("fastingest.supervisor")
 
@@ -26,6 +30,9 @@ WORKER_INDEX_ENV = "FASTINGEST_WORKER_INDEX"
 RESTART_BACKOFF = 1.0  # seconds before restarting a child that died young
 YOUNG = 5.0  # a child that dies sooner than this is restarted after RESTART_BACKOFF
 GIVE_UP_AFTER = 5  # consecutive young deaths of one worker: it cannot start, stop everything
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+METRICS_DIR_PREFIX = "fastingest-metrics-"
+EX_CONFIG = 78  # sysexits.h: a worker's exit code when its settings or environment stop it
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -84,7 +91,9 @@ class Supervisor:
             WORKER_INDEX_ENV: str(index),
             "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
         }
-        self.children[index] = subprocess.Popen(cmd, env=env, preexec_fn=_unblock)
+        self.children[index] = subprocess.Popen(
+            cmd, env=env, preexec_fn=functools.partial(_in_child, os.getpid())
+        )
         self.started[index] = time.monotonic()
         log.info("worker %d started (pid %d)", index, self.children[index].pid)
 
@@ -92,7 +101,8 @@ class Supervisor:
         watched = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
         signal.pthread_sigmask(signal.SIG_BLOCK, watched)
         if self._own_metrics_dir:
-            self.metrics_dir = tempfile.mkdtemp(prefix="fastingest-metrics-")
+            _remove_orphaned_metrics_dirs()
+            self.metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
         reserved = reserve_port(self.host, self.port)
         self.port = reserved.getsockname()[1]
         log.info("supervising %d worker processes on %s:%d", self.processes, self.host, self.port)
@@ -119,6 +129,12 @@ class Supervisor:
                     continue
                 young = time.monotonic() - self.started[index] < YOUNG
                 self.young_deaths[index] = self.young_deaths.get(index, 0) + 1 if young else 0
+                if rc == EX_CONFIG:  # it said why; restarting cannot help
+                    log.error("worker %d cannot start: stopping every worker", index)
+                    failed = self.stopping = True
+                    for other in self.children.values():
+                        other.send_signal(signal.SIGTERM)
+                    continue
                 if self.young_deaths[index] >= GIVE_UP_AFTER:
                     log.error(
                         "worker %d died %d times right after starting (last: %s); "
@@ -153,8 +169,39 @@ def _forget_live_gauges(pid: int, directory: str) -> None:
     multiprocess.mark_process_dead(pid, directory)
 
 
-def _unblock() -> None:
+def _in_child(supervisor: int) -> None:
+    """Before a worker runs: its signals unblocked, and it drains when the supervisor dies."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD})
+    _die_with_parent()
+    if os.getppid() != supervisor:  # it died before the line above took effect
+        os._exit(1)
+
+
+def _die_with_parent() -> None:
+    """SIGTERM this process when its parent dies (Linux; elsewhere nothing)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _remove_orphaned_metrics_dirs() -> None:
+    """Metrics directories of supervisors that died without cleaning up (kill -9)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
+        pid = path.name.removeprefix(METRICS_DIR_PREFIX).partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _describe(rc: int) -> str:

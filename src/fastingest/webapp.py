@@ -85,7 +85,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    return response(await request.app[ENDPOINTS].readiness())
+    return response(request.app[ENDPOINTS].readiness())
 
 
 async def metrics_page(request: web.Request) -> web.Response:

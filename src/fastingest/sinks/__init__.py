@@ -9,7 +9,9 @@ from fastingest.batching import Upload
 
 
 class SinkError(Exception):
-    """A store failed. `retryable`: worth another attempt (throttling, 5xx, network)."""
+    """A store failed. `retryable`: the data waits in the spool for another attempt
+    (network, throttling, 5xx, credentials or a bucket an operator can fix); otherwise the
+    store refused this object for itself and it is dead-lettered."""
 
     def __init__(self, message: str, *, retryable: bool, kind: str) -> None:
         super().__init__(message)
@@ -21,7 +23,9 @@ class Sink(Protocol):
     prefix: str  # prepended to every key by the KeyMaker
 
     async def start(self) -> None: ...
-    async def put(self, upload: Upload) -> None: ...
+    async def put(self, upload: Upload) -> bool:
+        """Store `upload`: True, or False if the sink already held its key (same payloads)."""
+
     async def check(self) -> None:
         """Raise SinkError unless the sink looks reachable and writable."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -18,10 +19,15 @@ def write_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        with contextlib.suppress(OSError):  # a full disk must not keep the partial file
+            tmp.unlink()
+        raise
     if not exclusive:
         os.replace(tmp, path)
         return True
@@ -46,10 +52,10 @@ class LocalSink:
     async def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
 
-    async def put(self, upload: Upload) -> None:
+    async def put(self, upload: Upload) -> bool:
         try:
             # Exclusive: keys are deterministic, so an existing file is this very object.
-            await asyncio.to_thread(
+            return await asyncio.to_thread(
                 write_atomic, self.root / upload.key, upload.body, exclusive=True
             )
         except OSError as exc:  # ENOSPC and friends: worth retrying, then dead-letter

@@ -31,6 +31,24 @@ log = logging.getLogger("fastingest.sinks.s3")
 THROTTLE_CODES = frozenset(
     {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests"}
 )
+# Refusals an operator fixes (credentials, a policy, the bucket itself) or that pass on
+# their own (a clock, an expired token): the data waits in the spool meanwhile.
+FIXABLE_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AllAccessDisabled",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "TokenRefreshRequired",
+        "InvalidToken",
+        "RequestTimeTooSkewed",
+        "RequestTimeout",
+        "NoSuchBucket",
+        "AccountProblem",
+        "InvalidBucketState",
+    }
+)
 READY_CACHE_SECONDS = 5.0
 # botocore builds, signs and sends a PUT in one go: about 3 ms of event-loop CPU without
 # a pause (measured against moto), which every request in flight would wait out. Where
@@ -56,6 +74,10 @@ def classify_status(status: int, code: str, detail: str = "") -> SinkError:
         return SinkError(f"throttled: {code or status}", retryable=True, kind="throttled")
     if status >= 500 or status == 408:
         return SinkError(f"server error {status} {code}", retryable=True, kind="5xx")
+    if status in (401, 403) or code in FIXABLE_CODES:
+        return SinkError(f"refused {status} {code}: {detail}", retryable=True, kind="denied")
+    if status == 404:  # the bucket (a missing key cannot be the answer to a PUT)
+        return SinkError(f"not found {status} {code}: {detail}", retryable=True, kind="denied")
     return SinkError(f"refused {status} {code}: {detail}", retryable=False, kind="4xx")
 
 
@@ -109,31 +131,31 @@ class S3Sink:
         """Whether PUTs take the direct path (see s3_put.py) rather than put_object."""
         return self._direct is not None
 
-    async def put(self, upload: Upload) -> None:
-        """Store `upload` once: an object already under its key counts as stored.
+    async def put(self, upload: Upload) -> bool:
+        """Store `upload` once: True, or False if an object was already under its key.
 
         Keys are deterministic (see KeyMaker), so an existing key means an earlier
         attempt or a crashed run already stored these very payloads.
         """
         if self._direct is None:
-            await self._put_object(upload)
-            return
+            return await self._put_object(upload)
         try:
             status, code = await self._direct.put(upload, conditional=self.conditional)
         except Exception as exc:
             raise classify(exc) from exc
         if status < 300:
-            return
+            return True
         if status == 412:
             self.already_stored += 1
-            return
+            return False
         unconditional = status == 501 and self.conditional
         error = classify_status(status, code, "direct PUT")
-        if error.retryable and not unconditional:
+        if error.retryable and status != 403 and not unconditional:
             raise error
         # A redirect, a refusal, or a store without conditional writes: botocore may know
-        # better (a region to follow, an error to parse), so it gets this object.
-        await self._put_object(upload)
+        # better (a region to follow, an error to parse, its own signature), so it gets
+        # this object.
+        stored = await self._put_object(upload)
         if not unconditional and self._direct is not None:
             log.warning(
                 "s3://%s refused a direct PUT (%d %s) that put_object then stored: "
@@ -143,8 +165,9 @@ class S3Sink:
                 code,
             )
             self._direct = None
+        return stored
 
-    async def _put_object(self, upload: Upload) -> None:
+    async def _put_object(self, upload: Upload) -> bool:
         extra = {"IfNoneMatch": "*"} if self.conditional else {}
         try:
             await self._client.put_object(
@@ -160,7 +183,7 @@ class S3Sink:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             if status == 412:
                 self.already_stored += 1
-                return
+                return False
             if status == 501 and self.conditional:
                 log.warning(
                     "s3://%s does not support conditional writes; re-uploads after a "
@@ -168,11 +191,11 @@ class S3Sink:
                     self.bucket,
                 )
                 self.conditional = False
-                await self.put(upload)
-                return
+                return await self.put(upload)
             raise classify(exc) from exc
         except Exception as exc:
             raise classify(exc) from exc
+        return True
 
     async def check(self) -> None:
         if time.monotonic() < self._ready_until:
