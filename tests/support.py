@@ -240,8 +240,10 @@ class S3Proxy:
     mode "pass": forward everything. "flaky": answer a share of requests 503
     SlowDown without forwarding, and another share 500 *after* moto stored the
     object (the client then retries something that already exists). "down":
-    drop every connection, as a stopped endpoint does. `refuse`, where set, sees
-    each PUT's headers and may answer (status, S3 error code) instead of moto.
+    drop every connection, as a stopped endpoint does. "blackhole": take the
+    request and never answer (until the mode changes). "5xx": answer every
+    request 500 InternalError. `refuse`, where set, sees each PUT's headers and
+    may answer (status, S3 error code) instead of moto.
     """
 
     def __init__(self, upstream: str, fail_before: float = 0.0, fail_after: float = 0.0) -> None:
@@ -269,6 +271,12 @@ class S3Proxy:
                     proxy.counts["dropped"] += 1
                     self.close_connection = True
                     return
+                if proxy.mode == "blackhole":
+                    proxy.counts["held"] += 1
+                    while proxy.mode == "blackhole":
+                        time.sleep(0.05)
+                    self.close_connection = True
+                    return
                 super().handle_one_request()
 
             def _any(self) -> None:
@@ -281,6 +289,9 @@ class S3Proxy:
                     if refusal is not None:
                         proxy.counts["refused"] += 1
                         return self._error(*refusal)
+                if proxy.mode == "5xx":
+                    proxy.counts["5xx"] += 1
+                    return self._error(500, "InternalError")
                 roll = rng.random()
                 if proxy.mode == "flaky" and self.command == "PUT" and roll < proxy.fail_before:
                     proxy.counts["slowdown"] += 1
@@ -322,6 +333,7 @@ class S3Proxy:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
+        self.mode = "pass"  # lets a black-holed request's thread go
         self.server.shutdown()
         self.server.server_close()
 
