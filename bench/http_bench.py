@@ -2,6 +2,7 @@
 
     python -m bench.http_bench --case ack                # --ack received|durable|uploaded
     python -m bench.http_bench --case anchors --n 1 10   # vs the Go design, pynaive, nginx
+    python -m bench.http_bench --case ack --baseline /tmp/before   # a change, before/after
 
 For each server: start its sink (moto_server on 127.0.0.1, or a directory), start
 the server, warm up, measure for --duration seconds with wrk and
@@ -315,6 +316,21 @@ def reference(name: str, *cmd: str) -> Server:
 
 
 def cases(args: argparse.Namespace) -> list[Server]:
+    servers = _cases(args)
+    if args.baseline is None:
+        return servers
+    # Each fastingest row again, run from another source tree: a change's before and after
+    # measured in the same rounds.
+    src = str(args.baseline.resolve() / "src")
+    twins = [
+        Server(f"{s.name} (baseline)", s.cmd, s.path, {**s.env, "PYTHONPATH": src}, s.sink)
+        for s in servers
+        if s.name.startswith("fastingest")
+    ]
+    return [x for pair in zip(servers, twins, strict=False) for x in pair] + servers[len(twins) :]
+
+
+def _cases(args: argparse.Namespace) -> list[Server]:
     sink = args.sink
     if args.case == "ack":
         return [
@@ -477,6 +493,13 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=1.0,
         help="steal %% up to which a pair of rounds counts as quiet in the round-by-round ratios",
+    )
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="a source tree of fastingest (extensions built in place) to run beside this one, "
+        "row by row: a change's before/after in the same rounds",
     )
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(

@@ -242,8 +242,9 @@ class S3Proxy:
     object (the client then retries something that already exists). "down":
     drop every connection, as a stopped endpoint does. "blackhole": take the
     request and never answer (until the mode changes). "5xx": answer every
-    request 500 InternalError. `refuse`, where set, sees each PUT's headers and
-    may answer (status, S3 error code) instead of moto.
+    request 500 InternalError. "delay": forward each request `delay` seconds
+    late. `refuse`, where set, sees each PUT's headers and may answer (status,
+    S3 error code) instead of moto.
     """
 
     def __init__(self, upstream: str, fail_before: float = 0.0, fail_after: float = 0.0) -> None:
@@ -252,6 +253,7 @@ class S3Proxy:
         from urllib.parse import urlsplit
 
         self.mode = "pass"
+        self.delay = 2.0
         self.fail_before, self.fail_after = fail_before, fail_after
         self.counts: Counter[str] = Counter()
         self.put_headers: list[dict[str, str]] = []  # of every PUT, lower-case names
@@ -292,6 +294,9 @@ class S3Proxy:
                 if proxy.mode == "5xx":
                     proxy.counts["5xx"] += 1
                     return self._error(500, "InternalError")
+                if proxy.mode == "delay":
+                    proxy.counts["delayed"] += 1
+                    time.sleep(proxy.delay)
                 roll = rng.random()
                 if proxy.mode == "flaky" and self.command == "PUT" and roll < proxy.fail_before:
                     proxy.counts["slowdown"] += 1

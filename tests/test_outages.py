@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -42,7 +43,9 @@ def ready(server: Server) -> tuple[int, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("failure", "outage"), [("down", 30.0), ("blackhole", 8.0), ("5xx", 8.0)])
+@pytest.mark.parametrize(
+    ("failure", "outage"), [("down", 30.0), ("blackhole", 8.0), ("5xx", 8.0), ("delay", 8.0)]
+)
 def test_an_outage_under_load_is_ridden_out_in_the_spool(
     tmp_path, s3, bucket, s3_env, moto_endpoint, failure, outage
 ):
@@ -77,8 +80,8 @@ def test_an_outage_under_load_is_ridden_out_in_the_spool(
 
     asyncio.run(outage_load())
     # A black hole is only slow until the client's 30 s read timeout: no stall yet, but the
-    # closed batches wait on disk all the same.
-    noticed = failure != "blackhole"
+    # closed batches wait on disk all the same. A slow store is no failure at all.
+    noticed = failure in ("down", "5xx")
     m = scrape(server)
     assert value(m, "fastingest_unstored_oldest_seconds") >= 1
     assert value(m, "fastingest_spool_bytes") > 0
@@ -353,10 +356,12 @@ def test_workers_die_with_a_killed_supervisor(tmp_path):
         return alive == 0
 
     assert wait_until(gone, timeout=40), "a worker outlived its supervisor"
+    leftover = f"fastingest-metrics-{server.proc.pid}-*"
     again = Server(
         "--listen", f"127.0.0.1:{server.port}", cwd=tmp_path, env={"FASTINGEST_PROCESSES": "2"}
     )
     assert wait_until(lambda: again.text.count("listening on") == 2, timeout=30)
+    assert not list(Path(tempfile.gettempdir()).glob(leftover)), "the dead one's metrics dir"
     assert again.stop() == 0
     assert landed_dir(tmp_path / "fastingest-data" / "objects") == Counter([b'{"id":"before"}'])
 

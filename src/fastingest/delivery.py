@@ -219,7 +219,12 @@ class Delivery:
             self.backlog.remove(upload)
             await self._give_up(upload, self._window_passed(self.last_error), 0)
         if self.backlog and self.failing:
-            await self.store(self.backlog.popleft())
+            upload = self.backlog.popleft()
+            try:
+                await self.store(upload)
+            except Exception:  # a bug in store(): the object must not be lost with the task
+                log.exception("storing %s failed unexpectedly; it stays in the spool", upload.key)
+                self.park(upload)
 
     # --- the sink's state -----------------------------------------------------------
 

@@ -160,7 +160,7 @@ class Pipeline:
             upload = Upload(
                 m.key,
                 [],
-                0,
+                sum(len(data[s].body) for s in present),
                 sum(data[s].body.count(b"\n") for s in present),
                 m.opened,
                 max(data[s].time for s in present),
