@@ -346,6 +346,7 @@ def test_workers_die_with_a_killed_supervisor(tmp_path):
     assert len(pids) == 2
     assert server.post(b'{"id":"before"}')[0] == 202
     server.proc.kill()  # kill -9 of the supervisor
+    server.proc.wait(10)  # reaped, as its own parent would
 
     def gone() -> bool:
         alive = 0

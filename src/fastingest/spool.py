@@ -265,6 +265,7 @@ class Spool:
         self._buffer: list[bytes] = []  # record heads and bodies, in order
         self._entries: list[_Entry] = []  # one per buffered record, in the same order
         self._buffered = 0
+        self._buffered_payloads = 0
         self._appended = 0  # records appended, ever
         self._sync_through = 0  # the last record that asked for an fsync (or was waited on)
         self._durable = 0  # records known to be on disk
@@ -397,6 +398,7 @@ class Spool:
         self._appended += 1
         self._entries.append((self._appended, kind, seq, payloads))
         self._buffered += len(before) + len(body)
+        self._buffered_payloads += payloads
         if sync:
             self._sync_through = self._appended
         self._start_flusher()
@@ -453,9 +455,9 @@ class Spool:
                 if self._failing:  # let the disk recover before writing the kept records again
                     await asyncio.sleep(max(0.0, self._failed_until - loop.time()))
                 buffer, entries = self._buffer, self._entries
-                data, upto = b"".join(buffer), self._appended
+                data, upto, payloads = b"".join(buffer), self._appended, self._buffered_payloads
                 self._buffer, self._entries = [], []
-                self._buffered = 0
+                self._buffered = self._buffered_payloads = 0
                 seg = self.segments[-1]
                 full = seg.size + len(data) >= self.segment_bytes
                 sync = self._sync_through > self._durable or full  # a segment ends fsynced
@@ -477,8 +479,9 @@ class Spool:
                     self._written_seq = seqs[-1]
                 seg.size += len(data)
                 self.on_disk += len(data)
-                self._count(seg, seqs, [e[2] for e in entries if e[1] == BATCH])
-                self._unsynced_payloads += sum(e[3] for e in entries)
+                marks = [e[2] for e in entries if e[1] == BATCH] if len(seqs) < len(entries) else []
+                self._count(seg, seqs, marks)
+                self._unsynced_payloads += payloads
                 if sync:
                     self._durable = upto
                     metrics.PAYLOADS_DURABLE.inc(self._unsynced_payloads)
@@ -526,6 +529,7 @@ class Spool:
         self._buffer = kept_buffer + self._buffer
         self._entries = kept + self._entries
         self._buffered += sum(len(b) for b in kept_buffer)
+        self._buffered_payloads += sum(e[3] for e in kept)
         if not kept and not self._entries and self._sync_through <= upto:
             self._durable = upto  # nothing left that this write owed anyone
         waiting = []
