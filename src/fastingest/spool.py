@@ -155,6 +155,13 @@ class Segment:
     def add(self, seqs: list[int]) -> None:
         """Data seqs now in this segment, ascending, each above the ones it holds."""
         runs = self.runs
+        first, last = seqs[0], seqs[-1]
+        if last - first == len(seqs) - 1:  # consecutive, as nearly always: one run
+            if runs and runs[-1][1] == first:
+                runs[-1][1] = last + 1
+            else:
+                runs.append([first, last + 1])
+            return
         for seq in seqs:
             if runs and runs[-1][1] == seq:
                 runs[-1][1] = seq + 1
