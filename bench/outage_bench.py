@@ -1,6 +1,6 @@
 """How long the spool rides out a store outage, and how fast the backlog drains after it.
 
-    python -m bench.outage_bench --outage 10 --n 10
+    python -m bench.outage_bench --outage 4 --n 10 --rates 20000 5000 1000
 
 fastingest (defaults, one process, pinned to CPU 1) stores into moto_server through a
 TCP relay on 127.0.0.1 that this script can take down (connections refused, as when an
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--outage", type=float, default=10, help="seconds the store is down")
+    ap.add_argument("--outage", type=float, default=4, help="seconds the store is down")
     ap.add_argument("--n", type=int, default=10, help="payloads per request")
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--spool-gib", type=float, default=1.0, help="spool size to project onto")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from support import Server
 
 from fastingest.cli import build_parser
 from fastingest.config import OPTIONS, Settings, resolve
@@ -93,3 +96,28 @@ def test_help_documents_every_option_with_its_env_twin():
         check=True,
     ).stdout
     assert version.startswith("fastingest ")
+
+
+@pytest.mark.parametrize(
+    "source",
+    [["--auth-token", ""], ["--auth-token-file", "comments.txt"], ["--auth-token-file", "nowhere"]],
+)
+def test_an_empty_token_source_is_a_start_up_error(tmp_path, source):
+    (tmp_path / "comments.txt").write_text("# the token goes here\n\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTINGEST_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "fastingest", "serve", "--processes", "1", *source],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 78, done.stderr
+    assert "token" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_running_without_auth_is_said_once_at_start(tmp_path):
+    server = Server(cwd=tmp_path)
+    assert server.stop() == 0
+    assert server.text.count("no --auth-token") == 1

@@ -1,0 +1,101 @@
+"""Hostile or broken clients on an exposed port, on every front end, over real sockets.
+
+Credentials only from the header fields (never a chunked trailer), trailers bounded like
+headers, Idempotency-Key bounded and authorised before a replay, request targets that are
+not a path answered 4xx (test_config holds the start-up checks of token sources).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from support import Server, request
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("front")]
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory, front):
+    server = Server("--auth-token", TOKEN, cwd=tmp_path_factory.mktemp(f"hostile-{front}"))
+    yield server
+    assert server.stop() == 0
+    assert "Traceback" not in server.text
+    assert '"level":"error"' not in server.text, server.text
+
+
+def exchange(port: int, raw: bytes, *, pieces: list[bytes] = (), timeout: float = 10) -> bytes:
+    """Send `raw` (then each of `pieces`), return everything the server sends until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(raw)
+        for piece in pieces:
+            try:
+                s.sendall(piece)
+            except OSError:  # the server closed on us: what it said is in the buffer
+                break
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def chunked(trailer: bytes) -> bytes:
+    body = b'{"id":"trailer"}'
+    return (
+        b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + b"%x\r\n%s\r\n0\r\n" % (len(body), body)
+        + trailer
+    )
+
+
+def test_credentials_in_a_trailer_are_not_trusted(guarded):
+    answer = exchange(guarded.port, chunked(b"Authorization: Bearer %s\r\n\r\n" % TOKEN.encode()))
+    assert status_of(answer) == 401, answer
+
+
+def test_a_trailer_counts_against_the_head_limit(guarded):
+    started = time.monotonic()
+    head = chunked(b"X-Long: ")
+    answer = exchange(guarded.port, head, pieces=[b"a" * 16384] * 16)  # 256 KiB of trailer
+    assert status_of(answer) == 431, answer[:200]
+    assert time.monotonic() - started < 5
+    assert request(guarded.port, "GET", "/healthz")[0] == 200
+
+
+@pytest.mark.parametrize("key", ["k" * 256, "bad\x01key", "caf\u00e9"])
+def test_a_bad_idempotency_key_is_refused(guarded, key):
+    raw = (
+        b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + TOKEN.encode() + b"\r\nIdempotency-Key: " + key.encode("utf-8")
+        + b"\r\nContent-Length: 9\r\nConnection: close\r\n\r\n{\"a\": 1}\n"
+    )  # fmt: skip
+    answer = exchange(guarded.port, raw)
+    assert status_of(answer) == 400 and b"bad_idempotency_key" in answer, answer
+
+
+def test_a_known_idempotency_key_without_credentials_is_unauthorized(guarded):
+    auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    key = {"Idempotency-Key": "replay-me-1"}
+    assert request(guarded.port, "POST", "/ingest", b'{"id":"once"}', {**auth, **key})[0] == 202
+    no_auth = {"Content-Type": "application/json", **key}
+    status, _, answer = request(guarded.port, "POST", "/ingest", b'{"id":"once"}', no_auth)
+    assert (status, answer["error"]) == (401, "unauthorized")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"GET http://x HTTP/1.1", b"GET http://x:99999/ingest HTTP/1.1", b"CONNECT host:443 HTTP/1.1"],
+)
+def test_a_target_that_is_not_a_path_is_a_4xx(guarded, line):
+    answer = exchange(guarded.port, line + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert 400 <= status_of(answer) < 500, answer
