@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from support import Server
-
 from fastingest.cli import build_parser
 from fastingest.config import OPTIONS, Settings, resolve
+from support import Server
 
 
 def settings(argv: list[str], env: dict[str, str] | None = None) -> Settings:

@@ -9,7 +9,9 @@ on aiohttp. What the protocol owes HTTP/1.1:
   while ``MAX_PIPELINED`` answers wait (or while the client does not read);
 - chunked bodies (llhttp decodes them), ``Expect: 100-continue`` (answered only
   once the headers pass the checks that need no body), ``Connection: close``;
-- limits: request head (431), URL (414), body before and after inflation (413);
+- limits: request head (431, chunked trailers included: they count against it and
+  are never merged into the header fields), URL (414), body before and after
+  inflation (413);
 - timeouts: an idle keep-alive connection is closed, and a request whose head
   and body do not arrive in time gets 408 (slow clients hold no slot for ever).
 
@@ -57,6 +59,7 @@ MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
 MAX_HEADERS = 100
 MAX_URL_BYTES = 8 * 1024
 MAX_PIPELINED = 32  # answers waiting to be written before the connection stops reading
+CHUNK_FRAMING = 32  # bytes a chunk's size line and CRLF may take beside its data
 TICK_SECONDS = 1.0  # how often the Date header and the timeouts are refreshed
 RENDERED_PER_TICK = 64  # distinct answers kept rendered until the Date changes
 
@@ -210,6 +213,16 @@ class LeanFront:
                 conn.expire(now)
 
 
+def _absolute_path(url: bytes) -> bytes:
+    """The path of an absolute-form target; _Refuse (400) for authority-form, "*" or junk."""
+    if not url.lower().startswith((b"http://", b"https://")):
+        raise _Refuse(error(400, "bad_request", "the request target must be a path or a URL"))
+    try:
+        return httptools.parse_url(url).path or b"/"
+    except httptools.HttpParserInvalidURLError:
+        raise _Refuse(error(400, "bad_request", "the request target is not a valid URL")) from None
+
+
 class Connection:
     """One client connection: parse requests, route them, write answers in order."""
 
@@ -236,6 +249,8 @@ class Connection:
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._body_size = 0
+        self._after_head = 0  # bytes received since the head: body, chunk framing, trailer
+        self._chunks = 0
         self._route = ""
         self._refused: Answer | None = None  # answered once its body has been read and dropped
         self._ack = ""
@@ -267,6 +282,8 @@ class Connection:
             return
         if self._in_head:
             self._head_bytes += len(data)
+        elif self._mid_request:
+            self._after_head += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -286,6 +303,11 @@ class Connection:
             return
         if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
             self._refuse(error(431, "headers_too_large", f"request head over {MAX_HEAD_BYTES}"))
+        elif (
+            self._mid_request
+            and self._after_head - self._body_size - CHUNK_FRAMING * self._chunks > MAX_HEAD_BYTES
+        ):  # what is neither body nor framing is a trailer: llhttp buffers its fields
+            self._refuse(error(431, "headers_too_large", "chunked trailer over the head limit"))
 
     # --- llhttp callbacks -----------------------------------------------------------
 
@@ -305,6 +327,8 @@ class Connection:
         self._head_size += len(name) + len(value) + 4
         if self._head_size > MAX_HEAD_BYTES:
             raise _Refuse(error(431, "headers_too_large", f"request head over {MAX_HEAD_BYTES}"))
+        if not self._in_head:  # a chunked trailer: decides nothing (RFC 9110 6.5.1)
+            return
         if len(headers) >= MAX_HEADERS:
             raise _Refuse(error(431, "headers_too_large", f"more than {MAX_HEADERS} headers"))
         key = name.decode("latin-1").lower()
@@ -315,7 +339,10 @@ class Connection:
         self._in_head = False
         method = self.parser.get_method().decode()
         url = self._url
-        raw_path = url.partition(b"?")[0] if url[:1] == b"/" else httptools.parse_url(url).path
+        if url[:1] == b"/":
+            raw_path = url.partition(b"?")[0]
+        else:  # absolute-form (RFC 9112 3.2.2: a server must take it), or not a target at all
+            raw_path = _absolute_path(url)
         path = raw_path.decode("latin-1")
         allowed = ROUTES.get(path)
         self._route = path if allowed else "unmatched"
@@ -342,6 +369,9 @@ class Connection:
                 raise _Refuse(self._refused)
             if self.parser.get_http_version() == "1.1":
                 self._send(CONTINUE)
+
+    def on_chunk_header(self) -> None:
+        self._chunks += 1
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)

@@ -83,6 +83,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"fastingest: {exc}", file=sys.stderr)
         return EX_CONFIG
+    try:
+        tokens = settings.tokens()
+    except SystemExit as exc:
+        print(exc.code, file=sys.stderr)
+        return EX_CONFIG
+    if not tokens and args.command == "serve" and settings.worker_index is None:
+        logging.getLogger("fastingest").warning(
+            "no --auth-token: anyone who can reach %s:%d can store payloads",
+            *settings.listen,
+        )
     if args.command == "redrive":
         return _run(_redrive(settings))
     if settings.worker_index is None:

@@ -341,11 +341,25 @@ class Settings:
         return self.dead_letter_dir or self.data_dir / "dead-letter"
 
     def tokens(self) -> list[str]:
-        """Every accepted token, from flags, environment and the token file."""
-        found = [t for t in self.auth_token if t]
+        """Every accepted token, from flags, environment and the token file.
+
+        A token source that is given but yields nothing (an empty ``--auth-token``, a
+        missing file, a file of comments) is a SystemExit: it would turn auth off.
+        """
+        if any(not t.strip() for t in self.auth_token):
+            raise SystemExit("fastingest: an --auth-token (or $FASTINGEST_AUTH_TOKENS) is empty")
+        found = [t.strip() for t in self.auth_token]
         if self.auth_token_file is not None:
-            lines = self.auth_token_file.read_text().splitlines()
-            found += [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+            try:
+                lines = self.auth_token_file.read_text().splitlines()
+            except OSError as exc:
+                raise SystemExit(f"fastingest: cannot read --auth-token-file: {exc}") from None
+            given = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+            if not given:
+                raise SystemExit(
+                    f"fastingest: --auth-token-file {self.auth_token_file} holds no token"
+                )
+            found += given
         return found
 
 
@@ -384,11 +398,12 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
             continue
         for name in opt.env:
             raw = environ.get(name)
-            if raw is None or raw == "":
+            if raw is None or (raw == "" and not opt.repeat):
                 continue
             try:
-                if opt.repeat:
+                if opt.repeat:  # set but empty stays "", so that tokens() can refuse it
                     values[opt.dest] = tuple(t.strip() for t in raw.split(",") if t.strip())
+                    values[opt.dest] = values[opt.dest] or ("",)
                 else:
                     value = opt.type(raw)
                     if opt.choices is not None and value not in opt.choices:

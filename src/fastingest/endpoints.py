@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import re
 from collections.abc import Coroutine, Mapping
 from typing import Any, NamedTuple
 
@@ -33,6 +34,8 @@ JSON = "application/json"
 RETRY_AFTER_SECONDS = "1"
 ACK_HEADER = "X-Fastingest-Ack"
 INGEST_PATH = "/ingest"
+MAX_IDEMPOTENCY_KEY = 255
+_IDEMPOTENCY_KEY = re.compile(rf"[\x20-\x7e]{{1,{MAX_IDEMPOTENCY_KEY}}}")
 
 
 class Answer(NamedTuple):
@@ -142,9 +145,31 @@ class Endpoints:
 
     def ingest(self, headers: Headers, body: bytes, ack: str) -> Pending:
         """Take a checked request's body: an answer now, or one to come (ack level, replay)."""
-        if key := headers.get("idempotency-key"):
+        if (key := headers.get("idempotency-key")) is not None:
+            if not _IDEMPOTENCY_KEY.fullmatch(key):
+                return error(
+                    400,
+                    "bad_idempotency_key",
+                    f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} printable ASCII characters",
+                )
+            if self.tokens and not headers.get("authorization"):
+                try:  # a replay answers from the cache: authorise before looking the key up
+                    self._body_token(headers, body)
+                except BodyError as exc:
+                    return refusal(exc)
             return self._idempotent(key, headers, body, ack)
         return self._ingest(headers, body, ack)
+
+    def _body_token(self, headers: Headers, raw: bytes) -> None:
+        """BodyError (401, or why the body is unreadable) unless its token is accepted."""
+        body = decompress(raw, headers.get("content-encoding", ""), self.max_body_bytes)
+        payloads = parse(body, media_type(headers.get("content-type")))
+        if not _authorized(payloads.token, self.tokens):
+            raise BodyError(
+                401,
+                "unauthorized",
+                "send Authorization: Bearer <token> or the collection's token field",
+            )
 
     def _ingest(self, headers: Headers, body: bytes, ack: str) -> Answer | asyncio.Future[Answer]:
         try:

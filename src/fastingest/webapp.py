@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 from fastingest import metrics
 from fastingest.bodies import BodyError
@@ -26,6 +26,19 @@ from fastingest.endpoints import (
 )
 
 log = logging.getLogger("fastingest.webapp")
+
+
+class _BadRequests(logging.Filter):
+    """aiohttp logs a traceback at ERROR for each malformed request it answers 400; a
+    client's bad bytes are the client's problem, not the server's (the lean front end
+    logs nothing for them either)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, http_exceptions.HttpProcessingError)
+
+
+logging.getLogger("aiohttp.server").addFilter(_BadRequests())
 
 ENDPOINTS: web.AppKey[Endpoints] = web.AppKey("endpoints", Endpoints)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
