@@ -103,3 +103,28 @@ def test_a_known_idempotency_key_without_credentials_is_unauthorized(guarded):
 def test_a_target_that_is_not_a_path_is_a_4xx(guarded, line):
     answer = exchange(guarded.port, line + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert 400 <= status_of(answer) < 500, answer
+
+
+def test_bodies_in_flight_are_bounded_over_all_connections(tmp_path, front):
+    """One body holds most of the budget: another that would pass it gets 503 at once (its
+    bytes read and dropped, not kept), and fits again once the first is taken."""
+    server = Server("--max-inflight-bytes", "1M", cwd=tmp_path)
+    body = b'[{"pad":"%s"}]' % (b"p" * 700_000)
+    head = (
+        b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+        slow.sendall(head + body[:1000])  # its head is in: its whole length is reserved
+        time.sleep(0.5)
+        status, headers, answer = request(
+            server.port, "POST", "/ingest", body, {"Content-Type": "application/json"}
+        )
+        assert (status, answer["error"]) == (503, "overloaded") and "retry-after" in headers
+        slow.sendall(body[1000:])
+        assert slow.recv(65536).startswith(b"HTTP/1.1 202")
+    assert (
+        request(server.port, "POST", "/ingest", body, {"Content-Type": "application/json"})[0]
+        == 202
+    )
+    assert server.stop() == 0

@@ -241,9 +241,14 @@ class Connection:
         self._in_head = True  # before a request's headers are complete
         self._head_bytes = 0  # received while the head was incomplete: bounds llhttp's buffer
         self._mid_request = False  # between a request's first byte and its end
+        self._held = 0  # body bytes counted in the endpoints' in-flight budget
         self._reset()
 
     def _reset(self) -> None:
+        if self._held:
+            self.endpoints.release(self._held)
+            self._held = 0
+        self._sized = False  # its Content-Length was reserved whole
         self._url = b""
         self._head_size = 0  # request line and headers, as parsed
         self._headers: dict[str, str] = {}
@@ -357,10 +362,15 @@ class Connection:
             length = headers.get("content-length")
             try:
                 self._ack = self.endpoints.check(headers, int(length) if length else None)
+                if length and (busy := self.endpoints.reserve(int(length))) is not None:
+                    raise busy
             except BodyError as exc:
                 if exc.status == 413 or expect:  # no point reading a body we cannot take
                     raise _Refuse(refusal(exc)) from None
                 self._refused = refusal(exc)
+            else:
+                if length:
+                    self._held, self._sized = int(length), True
         if expect is not None:
             if expect.lower() != "100-continue":
                 detail = f"Expect: {expect} is not supported"
@@ -378,6 +388,10 @@ class Connection:
         if self._body_size > self.endpoints.max_body_bytes:
             raise _Refuse(too_large(f"body over {self.endpoints.max_body_bytes} bytes"))
         if self._refused is None:
+            if not self._sized:  # chunked: counted as it comes
+                if (busy := self.endpoints.reserve(len(body))) is not None:
+                    raise _Refuse(refusal(busy))
+                self._held += len(body)
             self._body.append(body)
 
     def on_message_complete(self) -> None:
@@ -393,6 +407,8 @@ class Connection:
         elif route == INGEST_PATH:
             body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
             self._body = []  # the only copy is the one the pipeline may keep
+            self.endpoints.release(self._held)  # from here the intake's bounds hold it
+            self._held = 0
             answer = self.endpoints.ingest(self._headers, body, self._ack)
         elif route == "/healthz":
             answer = self.endpoints.health()

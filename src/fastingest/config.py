@@ -23,6 +23,9 @@ DEFAULT_BATCH_MAX_BYTES = 4 * 1024 * 1024  # uncompressed NDJSON per object
 DEFAULT_BATCH_MAX_PAYLOADS = 50_000
 DEFAULT_BATCH_MAX_AGE = 5.0  # seconds from a batch's first payload to its upload
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024  # per request, also after decompression
+# Request bodies being received, over all connections of a process: with the intake's
+# 32 MiB and the batches, inside the 256 MiB a process is promised to stay under.
+DEFAULT_MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 # As long as Kinesis Data Firehose retries: an outage over a night is delivered once the
 # store is back, with no one redriving; the spool's size, not this, usually runs out first.
@@ -223,6 +226,13 @@ OPTIONS: list[Option] = [
         _positive(_size),
     ),
     Option(
+        "--max-inflight-bytes",
+        ("FASTINGEST_MAX_INFLIGHT_BYTES",),
+        "request body bytes being received at once, over all connections; a request that "
+        "would pass it gets 503 (K/M/G suffixes)",
+        _positive(_size),
+    ),
+    Option(
         "--auth-token",
         ("FASTINGEST_AUTH_TOKENS",),
         "accepted bearer token; repeat for several (env: comma-separated)",
@@ -308,6 +318,7 @@ class Settings:
     batch_max_age: float = DEFAULT_BATCH_MAX_AGE
     compression: str = "zstd"
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
     auth_token: tuple[str, ...] = ()
     auth_token_file: Path | None = None
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT

@@ -122,7 +122,25 @@ class Endpoints:
         self.tokens = [t.encode() for t in settings.tokens()]
         self.idempotency = IdempotencyCache(settings.idempotency_window)
         self.max_body_bytes = settings.max_body_bytes
+        self.max_inflight_bytes = settings.max_inflight_bytes
+        self.inflight = 0  # body bytes the front ends are receiving now, all connections
         self._bytes_in = metrics.tally(metrics.BYTES_IN)
+
+    # --- bodies in flight -------------------------------------------------------
+
+    def reserve(self, size: int) -> BodyError | None:
+        """Count `size` body bytes in flight; the 503 to answer instead if they do not fit."""
+        if self.inflight + size > self.max_inflight_bytes and self.inflight:
+            return BodyError(
+                503,
+                "overloaded",
+                f"{self.inflight} request bytes are being received; retry after a moment",
+            )
+        self.inflight += size
+        return None
+
+    def release(self, size: int) -> None:
+        self.inflight -= size
 
     # --- POST /ingest -----------------------------------------------------------
 

@@ -88,7 +88,13 @@ async def ingest(request: web.Request) -> web.Response:
         ack = endpoints.check(request.headers, request.content_length)
     except BodyError as exc:
         return response(refusal(exc))
-    body = await request.read()  # over client_max_size: 413 through observe()
+    size = request.content_length or 0
+    if (busy := endpoints.reserve(size)) is not None:
+        return response(refusal(busy))
+    try:
+        body = await request.read()  # over client_max_size: 413 through observe()
+    finally:
+        endpoints.release(size)
     answer = endpoints.ingest(request.headers, body, ack)
     return response(answer if isinstance(answer, Answer) else await answer)
 
