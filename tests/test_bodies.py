@@ -51,3 +51,32 @@ def test_long_digit_runs_inside_strings_are_not_integers():
 def test_what_is_stored(body, chunk, token):
     payloads = parse(body, "application/json")
     assert (payloads.chunk, payloads.token) == (chunk, token)
+
+
+def _zstd_in_blocks(lines: list[bytes]) -> tuple[bytes, int]:
+    """A streamed zstd frame of `lines`, and where its first block ends."""
+    import zstandard
+
+    c = zstandard.ZstdCompressor(level=1).compressobj()
+    first = c.compress(b"".join(lines[:1024])) + c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+    return first + c.compress(b"".join(lines[1024:])) + c.flush(), len(first)
+
+
+def test_zstd_bodies_are_whole_or_refused():
+    import zstandard
+
+    from fastingest.bodies import decompress
+
+    lines = [b'{"n":%d}\n' % i for i in range(4096)]
+    raw = b"".join(lines)
+    frame, first_block = _zstd_in_blocks(lines)
+    assert decompress(frame, "zstd", 1 << 20) == raw
+    assert decompress(frame + frame, "zstd", 1 << 20) == raw + raw  # two frames
+    for cut in (first_block, len(frame) // 2, len(frame) - 1):
+        with pytest.raises(BodyError) as truncated:
+            decompress(frame[:cut], "zstd", 1 << 20)
+        assert (truncated.value.status, truncated.value.error) == (400, "bad_encoding")
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (256 << 20))
+    with pytest.raises(BodyError) as inflated:
+        decompress(bomb, "zstd", 1 << 20)
+    assert inflated.value.status == 413

@@ -128,3 +128,18 @@ def test_bodies_in_flight_are_bounded_over_all_connections(tmp_path, front):
         == 202
     )
     assert server.stop() == 0
+
+
+def test_a_truncated_zstd_body_is_refused_whole(guarded):
+    from test_bodies import _zstd_in_blocks
+
+    lines = [b'{"n":%d}\n' % i for i in range(4096)]
+    frame, first_block = _zstd_in_blocks(lines)
+    headers = {
+        "Authorization": f"Bearer {TOKEN}",
+        "Content-Type": "application/x-ndjson",
+        "Content-Encoding": "zstd",
+    }
+    status, _, answer = request(guarded.port, "POST", "/ingest", frame[:first_block], headers)
+    assert (status, answer["error"]) == (400, "bad_encoding")
+    assert request(guarded.port, "POST", "/ingest", frame, headers)[:1] == (202,)

@@ -63,6 +63,9 @@ def _json_type(value: object) -> str:
     )
 
 
+ZSTD_SLICE = 2048  # compressed bytes fed at a time: at most 64 MiB out (128 KiB RLE blocks)
+
+
 def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     """Decode Content-Encoding without ever producing more than `limit` + 1 bytes."""
     if not encoding:
@@ -93,15 +96,24 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
             raise BodyError(
                 415, "unsupported_encoding", "zstd needs the 'zstandard' package on the server"
             ) from None
+        out = bytearray()
+        data = body
         try:
-            reader = zstandard.ZstdDecompressor().stream_reader(body)
-            out = bytearray()
-            while len(out) <= limit and (part := reader.read(limit + 1 - len(out))):
-                out += part
+            while data:  # a zstd stream may hold several frames
+                z = zstandard.ZstdDecompressor().decompressobj()
+                # A small slice at a time: one input byte can stand for thousands out (RLE
+                # blocks), so the limit is checked before much more than it is produced.
+                for at in range(0, len(data), ZSTD_SLICE):
+                    out += z.decompress(data[at : at + ZSTD_SLICE])
+                    if len(out) > limit:
+                        raise BodyError(413, "body_too_large", f"body inflates past {limit} bytes")
+                    if z.eof:
+                        break
+                if not z.eof:
+                    raise BodyError(400, "bad_encoding", "zstd stream is truncated")
+                data = z.unused_data + data[at + ZSTD_SLICE :]
         except zstandard.ZstdError as exc:
             raise BodyError(400, "bad_encoding", f"body is not valid zstd: {exc}") from None
-        if len(out) > limit:
-            raise BodyError(413, "body_too_large", f"body inflates past {limit} bytes")
         return bytes(out)
     raise BodyError(
         415, "unsupported_encoding", f"Content-Encoding {encoding!r}: use gzip, deflate or zstd"
