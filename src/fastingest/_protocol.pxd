@@ -32,6 +32,7 @@ cdef class Connection:
     cdef bint _done, _closing, _in_head, _mid_request, _head
     cdef list _out, _body
     cdef Py_ssize_t _head_bytes, _head_size, _body_size, _after_head, _chunks, _held
+    cdef Py_ssize_t _fields, _hosts
     cdef bint _sized
     cdef bytes _url
     cdef dict _headers

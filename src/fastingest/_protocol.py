@@ -249,6 +249,8 @@ class Connection:
             self.endpoints.release(self._held)
             self._held = 0
         self._sized = False  # its Content-Length was reserved whole
+        self._fields = 0  # header field lines, repeated names included
+        self._hosts = 0  # Host field lines
         self._url = b""
         self._head_size = 0  # request line and headers, as parsed
         self._headers: dict[str, str] = {}
@@ -334,14 +336,18 @@ class Connection:
             raise _Refuse(error(431, "headers_too_large", f"request head over {MAX_HEAD_BYTES}"))
         if not self._in_head:  # a chunked trailer: decides nothing (RFC 9110 6.5.1)
             return
-        if len(headers) >= MAX_HEADERS:
+        self._fields += 1
+        if self._fields > MAX_HEADERS:
             raise _Refuse(error(431, "headers_too_large", f"more than {MAX_HEADERS} headers"))
         key = name.decode("latin-1").lower()
+        self._hosts += key == "host"
         text = value.decode("latin-1")
         headers[key] = f"{headers[key]}, {text}" if key in headers else text
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        if self._hosts > 1 or (not self._hosts and self.parser.get_http_version() != "1.0"):
+            raise _Refuse(error(400, "bad_request", "a request needs exactly one Host header"))
         method = self.parser.get_method().decode()
         url = self._url
         if url[:1] == b"/":

@@ -41,6 +41,7 @@ class _BadRequests(logging.Filter):
 logging.getLogger("aiohttp.server").addFilter(_BadRequests())
 
 ENDPOINTS: web.AppKey[Endpoints] = web.AppKey("endpoints", Endpoints)
+MAX_HEADERS = 100  # header field lines, as on the lean front end
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -53,8 +54,14 @@ def response(answer: Answer) -> web.Response:
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Count every answer by route and status; every error leaves as JSON."""
+    answer: web.StreamResponse
     try:
-        answer = await handler(request)
+        hosts = len(request.headers.getall("Host", ()))
+        if hosts > 1 or (not hosts and request.version >= (1, 1)):  # RFC 9112 3.2
+            answer = response(error(400, "bad_request", "a request needs exactly one Host header"))
+            answer.force_close()
+        else:
+            answer = await handler(request)
     except web.HTTPException as exc:  # aiohttp's own: 404, 405, 413
         if exc.status < 400:
             raise
@@ -132,6 +139,7 @@ class WebFront:
             access_log=None,
             keepalive_timeout=keepalive_timeout,
             shutdown_timeout=grace,
+            max_headers=MAX_HEADERS,
         )
 
     async def start(self, host: str, port: int, *, reuse_port: bool) -> int:
