@@ -8,7 +8,7 @@ is its tail factor k: how many mean latencies the slowest 1% took. For each serv
 and sink the table shows k's median and range over the rounds at no more than
 ``--steal`` percent steal (a paused vCPU stalls every request in flight at once, so
 rounds with steal say nothing about the server). For fastingest at N=1 on S3, the row
-issue #5's p99 target is set on, it then shows the request rate at which k puts the
+the 5 ms p99 target is set on, it then shows the request rate at which k puts the
 p99 at ``--target`` ms, and how many rounds above and below that rate met the target.
 Results go to ``bench/results/p99_rate-<time>.json`` with a PNG beside it.
 """

@@ -5,9 +5,9 @@ open ``Batch``; a batch closes on its byte, payload-count or age threshold and
 becomes an ``Upload`` job, sealed: compressed, hashed, ready to PUT.
 
 A batch is compressed as it grows (``Encoder``), a batcher round's chunks at a time,
-on the event loop. The same CPU as compressing the whole batch at the end, but spread
-thin: a compression thread on a busy core got it for a whole 4 ms scheduler tick at a
-time, and every request in flight waited that long (see bench/README.md, session 5).
+on the event loop: the same CPU as compressing the whole batch at the end, spread thin,
+where a compression thread on a busy core would hold it for whole scheduler ticks while
+every request in flight waited.
 """
 
 from __future__ import annotations
