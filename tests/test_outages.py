@@ -26,15 +26,10 @@ import aiohttp
 import pytest
 
 from support import S3Proxy, Server, dead_lettered, landed_dir, landed_s3, load, wait_until
+from test_durability import assert_exactly_once
 from test_metrics import scrape, value
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def exactly_once(got: Counter[bytes], acked: list[bytes]) -> None:
-    assert all(n == 1 for n in got.values()), "a payload landed twice"
-    missing = Counter(acked) - got
-    assert not missing, f"{sum(missing.values())} acknowledged payloads were lost"
 
 
 def ready(server: Server) -> tuple[int, dict]:
@@ -103,7 +98,7 @@ def test_an_outage_under_load_is_ridden_out_in_the_spool(
     assert set(readiness) == {200}, readiness
     assert server.text.count("DELIVERY STALLED") == server.text.count("delivery resumed") == noticed
     assert "dead-lettered 0" in server.text
-    exactly_once(landed_s3(s3, bucket)[0], acked)
+    assert_exactly_once(landed_s3(s3, bucket)[0], acked)
     assert not (tmp_path / "fastingest-data" / "dead-letter").exists()
 
 
@@ -139,7 +134,7 @@ def test_a_failed_dead_letter_write_keeps_the_spool_copy_until_redrive(
     assert wait_until(lambda: sum(dead_lettered(dead_dir)[0].values()) == len(acked), timeout=30)
     assert again.stop() == 0
     got, errors = dead_lettered(dead_dir)
-    exactly_once(got, acked)
+    assert_exactly_once(got, acked)
     assert all("InvalidArgument" in e["error"] for e in errors)
     keys = sorted(e["key"] for e in errors)
 
@@ -157,7 +152,7 @@ def test_a_failed_dead_letter_write_keeps_the_spool_copy_until_redrive(
     assert redrive.returncode == 0, redrive.stderr
     assert f"redrive: {len(keys)} objects stored" in redrive.stderr
     got, objects = landed_s3(s3, bucket)
-    exactly_once(got, acked)
+    assert_exactly_once(got, acked)
     assert sorted(o["key"] for o in objects) == keys
     assert all(o["metadata"]["fastingest-payloads"] == str(o["count"]) for o in objects)
     assert all(o["metadata"]["fastingest-sha256"] == o["sha256"] for o in objects)
@@ -214,7 +209,7 @@ def test_refused_requests_are_never_delivered_and_acknowledged_ones_survive_a_cr
     final = Server(*args, cwd=tmp_path, env=s3_env)
     assert final.stop() == 0
     got, _ = landed_s3(s3, bucket)
-    exactly_once(got, acked)
+    assert_exactly_once(got, acked)
     assert not got & Counter(refused), "a payload answered 503 was delivered"
 
 
@@ -345,7 +340,7 @@ def test_a_full_disk_is_refused_then_recovered_from_without_a_restart(tmp_path, 
     assert ready(server)[0] == 200
     assert server.stop() == 0
     got = landed_dir(tmp_path / "fastingest-data" / "objects")
-    exactly_once(got, acked)
+    assert_exactly_once(got, acked)
 
 
 def test_workers_die_with_a_killed_supervisor(tmp_path):
