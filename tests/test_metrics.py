@@ -7,13 +7,22 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from fastingest.endpoints import METRICS_TTL
 from support import Server, landed_dir, wait_until
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("front")]
 
 
+_SCRAPED: dict[int, float] = {}  # port -> when it was last scraped
+
+
 def scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples of a fresh render: the server serves one page for METRICS_TTL."""
+    wait = _SCRAPED.get(server.port, 0.0) + METRICS_TTL - time.monotonic()
+    if wait > 0:
+        time.sleep(wait)
     status, headers, body = server.request("GET", "/metrics")
+    _SCRAPED[server.port] = time.monotonic()
     assert status == 200 and headers["content-type"].startswith("text/plain")
     samples = {}
     for family in text_string_to_metric_families(body.decode()):

@@ -1,4 +1,6 @@
-"""The S3 sink on its own, against moto over HTTP (often through a fault-injecting proxy).
+"""The S3 sink on its own, against real S3 APIs over HTTP: moto (often through a
+fault-injecting proxy) and SeaweedFS (which checks signatures, Content-MD5 and
+If-None-Match itself; the `store` fixture runs a test on both).
 
 PUTs take the direct path (s3_put.py) unless it is turned off; most tests run
 on both paths, since put_object is what the direct path falls back to.
@@ -89,6 +91,14 @@ class LoopTurns:
 
 
 @pytest.fixture
+def at_store(store, monkeypatch):
+    """The sink finds the store the standard way (AWS_ENDPOINT_URL and the key variables)."""
+    for name, value in store.env.items():
+        monkeypatch.setenv(name, value)
+    return store
+
+
+@pytest.fixture
 def at_moto(s3_env, monkeypatch) -> None:
     """The sink finds moto the standard way (AWS_ENDPOINT_URL and the key variables)."""
     for name, value in s3_env.items():
@@ -130,7 +140,8 @@ def test_a_put_carries_content_md5_and_no_second_pass_over_the_body(s3, bucket, 
     assert stored["ContentType"] == upload.content_type
 
 
-def test_the_direct_path_is_taken_against_a_real_s3_api(bucket, at_moto):
+def test_the_direct_path_is_taken_against_a_real_s3_api(at_store):
+    bucket = at_store.bucket()
     assert with_sink(bucket, True, lambda sink: asyncio.sleep(0, sink.direct)) is True
     assert with_sink(bucket, False, lambda sink: asyncio.sleep(0, sink.direct)) is False
 
@@ -232,10 +243,25 @@ def test_a_store_that_checks_signatures_takes_direct_puts_and_refuses_bad_ones(
 
 
 @pytest.mark.parametrize("direct", PATHS)
-def test_a_key_that_needs_encoding_lands_under_that_key(s3, bucket, at_moto, direct):
+def test_a_key_that_needs_encoding_lands_under_that_key(at_store, direct):
+    bucket = at_store.bucket()
     upload = small_upload(3, prefix="in put/été+~=&/")
     assert with_sink(bucket, direct, lambda sink: put_and_tell_path(sink, upload)) is direct
-    assert s3.get_object(Bucket=bucket, Key=upload.key)["Body"].read() == upload.body
+    assert at_store.client.get_object(Bucket=bucket, Key=upload.key)["Body"].read() == upload.body
+
+
+@pytest.mark.parametrize("direct", PATHS)
+def test_the_store_refuses_a_second_put_of_a_key(at_store, direct):
+    """If-None-Match: * as the store itself answers it (412): counted as stored, kept once."""
+    bucket = at_store.bucket()
+    upload = small_upload(4)
+
+    async def twice(sink: S3Sink) -> tuple[bool, bool, int]:
+        return await sink.put(upload), await sink.put(upload), sink.already_stored
+
+    assert with_sink(bucket, direct, twice) == (True, False, 1)
+    listed = at_store.client.list_objects_v2(Bucket=bucket)["Contents"]
+    assert [o["Key"] for o in listed] == [upload.key]
 
 
 @pytest.mark.parametrize("direct", PATHS)
@@ -306,7 +332,8 @@ def test_throttling_is_a_retryable_error_and_is_not_sent_twice(bucket, proxy, di
 
 @pytest.mark.parametrize("direct", PATHS)
 def test_a_missing_bucket_is_retryable_and_keeps_the_path(at_moto, direct):
-    """An operator creates the bucket: until then the data waits, it is not dead-lettered."""
+    """An operator creates the bucket: until then the data waits, it is not dead-lettered.
+    (moto only: SeaweedFS creates a missing bucket on upload for an admin identity.)"""
 
     async def put(sink: S3Sink) -> None:
         try:
@@ -329,10 +356,9 @@ def test_a_refusal_of_the_object_itself_is_final(bucket, proxy, direct):
     assert "EntityTooLarge" in str(refused.value)
 
 
-def test_the_direct_path_sends_the_body_in_slices_with_turns_between(
-    s3, bucket, at_moto, monkeypatch
-):
+def test_the_direct_path_sends_the_body_in_slices_with_turns_between(at_store, monkeypatch):
     """aiohttp takes the body a slice at a time, and the loop runs between slices."""
+    s3, bucket = at_store.client, at_store.bucket()
     upload = big_upload("big/one.ndjson")
     turns = LoopTurns()
     turns_at_slice: list[int] = []
@@ -355,8 +381,9 @@ def test_the_direct_path_sends_the_body_in_slices_with_turns_between(
     assert s3.get_object(Bucket=bucket, Key=upload.key)["Body"].read() == upload.body
 
 
-def test_a_put_lets_the_event_loop_run_while_botocore_builds_it(s3, bucket, at_moto):
+def test_a_put_lets_the_event_loop_run_while_botocore_builds_it(at_store):
     """put_object builds and signs a PUT in ~3 ms of CPU: the loop must get turns in between."""
+    s3, bucket = at_store.client, at_store.bucket()
     upload = small_upload(1)
     turns_before_send: list[int] = []
 

@@ -32,7 +32,11 @@ cdef class Connection:
     cdef bint _done, _closing, _in_head, _mid_request, _head
     cdef list _out, _body
     cdef Py_ssize_t _head_bytes, _head_size, _body_size, _after_head, _chunks, _held
-    cdef Py_ssize_t _fields, _hosts
+    cdef Py_ssize_t _fields, _made
+    cdef double _stalled
+    cdef bytes _rest
+    cdef bint _refused_at_once, _lingering
+    cdef object _upgrade
     cdef bint _sized
     cdef bytes _url
     cdef dict _headers
@@ -40,6 +44,8 @@ cdef class Connection:
     cdef object _refused
 
     cpdef _reset(self)
+    cpdef _feed(self, bytes data)
+    cpdef _parse(self, bytes data)
     cpdef _reply(self, object answer, str route, bint keep_alive, bint head)
     cpdef _write(self, object answer, str route, bint keep_alive, bint head)
     cpdef _send(self, bytes data)

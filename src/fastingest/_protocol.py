@@ -5,10 +5,16 @@ bench/README.md), so ``POST /ingest`` runs on an asyncio Protocol fed by the
 llhttp parser (httptools); the answers come from ``endpoints.py``, the same as
 on aiohttp. What the protocol owes HTTP/1.1:
 
-- keep-alive, and pipelining: answers leave in request order, and reading pauses
-  while ``MAX_PIPELINED`` answers wait (or while the client does not read);
-- chunked bodies (llhttp decodes them), ``Expect: 100-continue`` (answered only
-  once the headers pass the checks that need no body), ``Connection: close``;
+- keep-alive, and pipelining: answers leave in request order; a read is parsed
+  ``FEED_BYTES`` at a time and parsing yields to the loop once ``MAX_PIPELINED``
+  answers were made in one turn; reading pauses while ``MAX_PIPELINED`` answers
+  wait or while the client does not read its answers, and a connection whose
+  answers are not taken within the request timeout is closed;
+- chunked bodies (llhttp decodes them; other transfer codings get 501),
+  ``Expect: 100-continue`` (answered only once the headers pass the checks that need
+  no body, and after the answers before it), ``Connection: close`` (nothing is
+  written after it), ``Upgrade`` (ignored: the request is read as HTTP/1.1), a client
+  that half-closes after sending (it still gets its answers);
 - limits: request head (431, chunked trailers included: they count against it and
   are never merged into the header fields), URL (414), body before and after
   inflation (413);
@@ -43,13 +49,16 @@ from fastingest import metrics
 from fastingest.bodies import BodyError
 from fastingest.endpoints import (
     INGEST_PATH,
+    SINGLE_FIELDS,
     Answer,
     Endpoints,
     Pending,
     error,
+    head_refusal,
     not_allowed,
     not_found,
     refusal,
+    repeated,
     too_large,
 )
 
@@ -58,8 +67,10 @@ log = logging.getLogger("fastingest.protocol")
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
 MAX_HEADERS = 100
 MAX_URL_BYTES = 8 * 1024
-MAX_PIPELINED = 32  # answers waiting to be written before the connection stops reading
+MAX_PIPELINED = 32  # answers waiting, or made in one loop turn, before parsing stops
+FEED_BYTES = 16 * 1024  # a read is parsed in slices this big, so a burst can be stopped
 CHUNK_FRAMING = 32  # bytes a chunk's size line and CRLF may take beside its data
+LINGER_SECONDS = 2.0  # after a refusal, how long what the client still sends is read and dropped
 TICK_SECONDS = 1.0  # how often the Date header and the timeouts are refreshed
 RENDERED_PER_TICK = 64  # distinct answers kept rendered until the Date changes
 
@@ -71,6 +82,7 @@ ROUTES: dict[str, tuple[str, ...]] = {
 }
 STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CONTINUE = Answer(100, b"")  # a slot holding the interim answer of a pipelined Expect
 
 
 class _Refuse(Exception):
@@ -235,6 +247,12 @@ class Connection:
         self.answers: deque[_Slot] = deque()
         self.deadline = 0.0  # idle: keep-alive timeout; mid-request: request timeout
         self._paused: set[str] = set()  # why reading is paused: "pipeline", "writing"
+        self._rest = b""  # received but not parsed yet: the burst stopped (see _feed)
+        self._made = 0  # answers made by the current _feed: its per-turn bound
+        self._stalled = 0.0  # when the client stopped taking its answers (pause_writing)
+        self._upgrade: bytes | None = None  # an Upgrade request's head, to parse it again
+        self._refused_at_once = False  # closing after a refusal: linger (see _linger)
+        self._lingering = False
         self._done = False  # refused or failed: parse nothing more
         self._closing = False  # close once what is queued in _out is written
         self._out: list[bytes] = []  # answers for this loop turn's write
@@ -250,7 +268,6 @@ class Connection:
             self._held = 0
         self._sized = False  # its Content-Length was reserved whole
         self._fields = 0  # header field lines, repeated names included
-        self._hosts = 0  # Host field lines
         self._url = b""
         self._head_size = 0  # request line and headers, as parsed
         self._headers: dict[str, str] = {}
@@ -279,14 +296,55 @@ class Connection:
         self._reset()
 
     def pause_writing(self) -> None:  # the client is not reading its answers
+        self._stalled = self.loop.time()
         self._pause("writing")
 
     def resume_writing(self) -> None:
+        self._stalled = 0.0
         self._resume("writing")
+
+    def eof_received(self) -> bool:
+        """The client half-closed: answer what it sent, then close (never mid-answer)."""
+        if self._lingering:
+            return False  # it has read the answer: the transport closes
+        self._done = True
+        self._rest = b""
+        if self.answers:
+            self.answers[-1].keep_alive = False
+        else:
+            self._close()
+        return True  # keep the transport open for the answers
 
     def data_received(self, data: bytes) -> None:
         if self._done:
             return
+        if self._rest:  # reading was paused, but a transport may hand over one more read
+            self._rest += data
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Parse `data` a slice at a time; past MAX_PIPELINED answers made in this turn,
+        or once the client stops taking its answers, keep the rest for a later turn."""
+        self._made = 0
+        if len(data) <= FEED_BYTES:
+            self._parse(data)
+            return
+        view = memoryview(data)
+        end = len(data)
+        for start in range(0, end, FEED_BYTES):
+            if self._done:
+                return
+            if self._made >= MAX_PIPELINED or self._paused:
+                self._rest = bytes(view[start:])
+                if self.transport is not None:
+                    self.transport.pause_reading()
+                if not self._paused:  # else the _resume that ends the pause goes on
+                    self.loop.call_soon(self._continue)
+                return
+            self._parse(bytes(view[start : start + FEED_BYTES]))
+
+    def _parse(self, data: bytes) -> None:
         if self._in_head:
             self._head_bytes += len(data)
         elif self._mid_request:
@@ -301,9 +359,15 @@ class Connection:
                 log.error("HTTP callback failed", exc_info=cause)
                 self._refuse(error(500, "internal_error", "the server failed on this request"))
             return
-        except httptools.HttpParserUpgrade:
-            # No protocol switch here: the request before it was answered, then close.
-            self._refuse(None)
+        except httptools.HttpParserUpgrade as exc:
+            head, self._upgrade = self._upgrade, None
+            if head is None:  # not one of ours: stop here, after the answers so far
+                self._refuse(None)
+                return
+            # No protocol switch (RFC 9110 7.8 lets a server ignore Upgrade): llhttp
+            # stopped before the body, so parse the request again without it.
+            self.parser = httptools.HttpRequestParser(self)
+            self._parse(head + data[exc.args[0] :])
             return
         except httptools.HttpParserError as exc:
             self._refuse(error(400, "bad_request", f"malformed HTTP request: {exc}"))
@@ -340,15 +404,27 @@ class Connection:
         if self._fields > MAX_HEADERS:
             raise _Refuse(error(431, "headers_too_large", f"more than {MAX_HEADERS} headers"))
         key = name.decode("latin-1").lower()
-        self._hosts += key == "host"
         text = value.decode("latin-1")
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        if key in headers:
+            if key in SINGLE_FIELDS:
+                raise _Refuse(repeated(name.decode("latin-1")))
+            headers[key] = f"{headers[key]}, {text}"
+        else:
+            headers[key] = text
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        if self._hosts > 1 or (not self._hosts and self.parser.get_http_version() != "1.0"):
-            raise _Refuse(error(400, "bad_request", "a request needs exactly one Host header"))
-        method = self.parser.get_method().decode()
+        parser = self.parser
+        method = parser.get_method().decode()
+        self._head = method == "HEAD"
+        headers = self._headers
+        http11 = parser.get_http_version() != "1.0"
+        refused = head_refusal(method, http11, "host" in headers, headers.get("transfer-encoding"))
+        if refused is not None:
+            raise _Refuse(refused)
+        if parser.should_upgrade():
+            self._upgrade = self._without_upgrade(method)
+            return
         url = self._url
         if url[:1] == b"/":
             raw_path = url.partition(b"?")[0]
@@ -357,8 +433,6 @@ class Connection:
         path = raw_path.decode("latin-1")
         allowed = ROUTES.get(path)
         self._route = path if allowed else "unmatched"
-        self._head = method == "HEAD"
-        headers = self._headers
         expect = headers.get("expect")
         if allowed is None:
             self._refused = not_found(method, path)
@@ -383,8 +457,28 @@ class Connection:
                 raise _Refuse(error(417, "expectation_failed", detail))
             if self._refused is not None:
                 raise _Refuse(self._refused)
-            if self.parser.get_http_version() == "1.1":
-                self._send(CONTINUE)
+            if http11:
+                if self.answers:  # after the answers before it, in order
+                    slot = _Slot("", True, False)
+                    slot.answer = _CONTINUE
+                    self.answers.append(slot)
+                else:
+                    self._send(CONTINUE)
+
+    def _without_upgrade(self, method: str) -> bytes:
+        """This request's head with Upgrade and its Connection token taken out."""
+        lines = [b"%s %s HTTP/1.1\r\n" % (method.encode(), self._url)]
+        for name, value in self._headers.items():
+            if name == "upgrade":
+                continue
+            if name == "connection":
+                tokens = [t for t in value.split(",") if t.strip().lower() != "upgrade"]
+                if not tokens:
+                    continue
+                value = ",".join(tokens)
+            lines.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+        lines.append(b"\r\n")
+        return b"".join(lines)
 
     def on_chunk_header(self) -> None:
         self._chunks += 1
@@ -405,6 +499,9 @@ class Connection:
         self._head_bytes = 0
         self._mid_request = False
         self.deadline = self.loop.time() + self.front.keepalive_timeout
+        if self._upgrade is not None:  # parsed again, body included (see _parse)
+            return
+        self._made += 1
         keep_alive = self.parser.should_keep_alive()
         route = self._route
         answer: Pending
@@ -427,6 +524,8 @@ class Connection:
     # --- answers, in request order ----------------------------------------------------
 
     def _reply(self, answer: Pending, route: str, keep_alive: bool, head: bool) -> None:
+        if self._closing:  # an answer with "Connection: close" went before: nothing follows
+            return
         if isinstance(answer, Answer) and not self.answers:  # the fast path: nothing before it
             self._write(answer, route, keep_alive, head)
             return
@@ -454,6 +553,9 @@ class Connection:
         answers = self.answers
         while answers and (answer := answers[0].answer) is not None:
             slot = answers.popleft()
+            if answer is _CONTINUE:
+                self._send(CONTINUE)
+                continue
             self._write(answer, slot.route, slot.keep_alive, slot.head)
             if self._closing:
                 answers.clear()  # "Connection: close" is on its way: nothing may follow it
@@ -483,17 +585,20 @@ class Connection:
             return
         self.transport.write(out[0] if len(out) == 1 else b"".join(out))
         if self._closing:
-            self.transport.close()
+            self._end()
 
     # --- ending -------------------------------------------------------------------------
 
     def _refuse(self, answer: Answer | None) -> None:
         """Parse nothing more; answer what came before, then `answer`, then close."""
-        self._done = True
+        self._done = self._refused_at_once = True
+        self._rest = b""
+        if self._closing:  # the last answer said "Connection: close": nothing may follow
+            return
         if self.transport is not None:
             self.transport.pause_reading()
         if answer is not None:
-            slot = _Slot(self._route or "unmatched", False, False)
+            slot = _Slot(self._route or "unmatched", False, self._head)
             slot.answer = answer
             self.answers.append(slot)
         elif not self.answers:
@@ -506,7 +611,26 @@ class Connection:
     def _close(self) -> None:
         self._done = self._closing = True
         if self.transport is not None and not self._out:  # else send_now() closes
+            self._end()
+
+    def _end(self) -> None:
+        if self.transport is None:
+            return
+        if self._refused_at_once and self.transport.can_write_eof():
+            self._linger()
+        else:
             self.transport.close()
+
+    def _linger(self) -> None:
+        """Half-close, then read and drop what the client still sends for a while: closing
+        with its bytes unread would make the kernel reset the connection, and a reset
+        can destroy the answer before the client reads it (nginx's lingering close)."""
+        assert self.transport is not None
+        self.transport.write_eof()
+        self._lingering = True
+        self._paused.clear()
+        self.deadline = self.loop.time() + LINGER_SECONDS
+        self.transport.resume_reading()
 
     def close_if_idle(self) -> None:
         if not self._mid_request and not self._head_bytes and not self.answers:
@@ -517,6 +641,13 @@ class Connection:
             self.transport.abort()
 
     def expire(self, now: float) -> None:
+        if self._lingering:
+            if now >= self.deadline:
+                self.abort()
+            return
+        if self._stalled and now - self._stalled > self.front.request_timeout:
+            self.abort()  # its answers have not been taken: free what they hold
+            return
         if self.answers or now < self.deadline:  # waiting on the pipeline is not the client
             return
         if not self._mid_request and not self._head_bytes:
@@ -533,5 +664,18 @@ class Connection:
     def _resume(self, reason: str) -> None:
         if reason in self._paused:
             self._paused.discard(reason)
-            if not self._paused and not self._done and self.transport is not None:
+            if self._paused or self._done or self.transport is None:
+                return
+            if self._rest:  # parse what was kept, in a later turn (never inside a callback)
+                self.loop.call_soon(self._continue)
+            else:
                 self.transport.resume_reading()
+
+    def _continue(self) -> None:
+        """Parse what a stopped burst kept; read again once it is all parsed."""
+        if self._paused or self._done or not self._rest:
+            return
+        rest, self._rest = self._rest, b""
+        self._feed(rest)
+        if not self._rest and not self._paused and not self._done and self.transport is not None:
+            self.transport.resume_reading()

@@ -16,6 +16,7 @@ import asyncio
 import functools
 import hmac
 import re
+import time
 from collections.abc import Coroutine, Mapping
 from typing import Any, NamedTuple
 
@@ -36,6 +37,20 @@ ACK_HEADER = "X-Fastingest-Ack"
 INGEST_PATH = "/ingest"
 MAX_IDEMPOTENCY_KEY = 255
 _IDEMPOTENCY_KEY = re.compile(rf"[\x20-\x7e]{{1,{MAX_IDEMPOTENCY_KEY}}}")
+METRICS_TTL = 0.5  # seconds a rendered /metrics page is served again: a scrape costs a render
+# The fields an answer depends on may appear once: two would be read differently by
+# different parsers (one front end joins them, another takes the first).
+SINGLE_FIELDS = frozenset(
+    {
+        "host",
+        "authorization",
+        "content-type",
+        "content-encoding",
+        "idempotency-key",
+        "x-fastingest-ack",
+        "expect",
+    }
+)
 
 
 class Answer(NamedTuple):
@@ -56,6 +71,8 @@ def json_answer(status: int, body: dict[str, Any], *headers: tuple[str, str]) ->
 
 def error(status: int, code: str, detail: str, *headers: tuple[str, str]) -> Answer:
     metrics.ERRORS.labels(code).inc()
+    if not detail.isascii():  # it may quote a header, which aiohttp decodes with surrogates
+        detail = detail.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return json_answer(status, {"error": code, "detail": detail}, *headers)
 
 
@@ -83,6 +100,31 @@ def too_large(detail: str) -> Answer:
     return error(413, "body_too_large", detail)
 
 
+def repeated(name: str) -> Answer:
+    return error(400, "bad_request", f"the {name} header may appear only once")
+
+
+def head_refusal(
+    method: str, http11: bool, has_host: bool, transfer_encoding: str | None
+) -> Answer | None:
+    """What both front ends refuse from the request line and framing alone (RFC 9112),
+    answered with ``Connection: close``; None if the head may be routed."""
+    if method == "CONNECT":  # no tunnels here; what follows would be tunnel bytes
+        return error(400, "bad_request", "CONNECT is not supported")
+    if http11 and not has_host:
+        return error(400, "bad_request", "a request needs exactly one Host header")
+    if transfer_encoding is not None:
+        if not http11:  # an HTTP/1.0 peer cannot mean chunked (as nginx answers)
+            return error(400, "bad_request", "Transfer-Encoding needs HTTP/1.1")
+        codings = [c.strip().lower() for c in transfer_encoding.split(",")]
+        if codings[-1] != "chunked":  # the body's end could not be found (RFC 9112 6.3)
+            return error(400, "bad_request", "chunked must be the last Transfer-Encoding")
+        if len(codings) > 1:
+            detail = f"Transfer-Encoding: {transfer_encoding} is not supported; send chunked"
+            return error(501, "not_implemented", detail)
+    return None
+
+
 def draining() -> BodyError:
     return BodyError(503, "shutting_down", "this server is draining; retry elsewhere")
 
@@ -103,7 +145,7 @@ _MEDIA_TYPES: dict[str, str] = {}
 
 
 def _authorized(candidate: str | None, tokens: list[bytes]) -> bool:
-    if not candidate:
+    if not candidate or not candidate.isascii():  # a header's non-ASCII bytes match no token
         return False
     given = candidate.encode()
     ok = False
@@ -125,6 +167,8 @@ class Endpoints:
         self.max_inflight_bytes = settings.max_inflight_bytes
         self.inflight = 0  # body bytes the front ends are receiving now, all connections
         self._bytes_in = metrics.tally(metrics.BYTES_IN)
+        self._metrics_page: Answer | None = None
+        self._metrics_at = 0.0
 
     # --- bodies in flight -------------------------------------------------------
 
@@ -272,9 +316,14 @@ class Endpoints:
         return json_answer(200, body)
 
     def metrics(self) -> Answer:
-        self.pipeline.update_gauges()
-        body, content_type = metrics.exposition()
-        return Answer(200, body, content_type)
+        """The exposition, rendered at most once per METRICS_TTL: a client that asks for it
+        in a loop (or pipelines thousands of requests) costs a lookup, not a render each."""
+        now = time.monotonic()
+        if self._metrics_page is None or now - self._metrics_at >= METRICS_TTL:
+            self.pipeline.update_gauges()
+            body, content_type = metrics.exposition()
+            self._metrics_page, self._metrics_at = Answer(200, body, content_type), now
+        return self._metrics_page
 
 
 def _durable(

@@ -30,7 +30,12 @@ MAX_GRACE_SECONDS = 5.0  # in-flight requests' time to finish at shutdown, befor
 def make_front(settings: Settings, endpoints: Endpoints) -> LeanFront | WebFront:
     grace = min(MAX_GRACE_SECONDS, settings.shutdown_timeout / 2)
     if settings.http == "aiohttp":
-        return WebFront(endpoints, keepalive_timeout=settings.keepalive_timeout, grace=grace)
+        return WebFront(
+            endpoints,
+            keepalive_timeout=settings.keepalive_timeout,
+            write_timeout=settings.request_timeout,
+            grace=grace,
+        )
     return LeanFront(
         endpoints,
         keepalive_timeout=settings.keepalive_timeout,
