@@ -418,11 +418,13 @@ class Connection:
         method = parser.get_method().decode()
         self._head = method == "HEAD"
         headers = self._headers
-        http11 = parser.get_http_version() != "1.0"
-        refused = head_refusal(method, http11, "host" in headers, headers.get("transfer-encoding"))
-        if refused is not None:
-            raise _Refuse(refused)
-        if parser.should_upgrade():
+        te = headers.get("transfer-encoding")
+        if te is not None or "host" not in headers or method == "CONNECT":  # rare: check
+            http11 = parser.get_http_version() != "1.0"
+            refused = head_refusal(method, http11, "host" in headers, te)
+            if refused is not None:
+                raise _Refuse(refused)
+        if "upgrade" in headers and parser.should_upgrade():
             self._upgrade = self._without_upgrade(method)
             return
         url = self._url
@@ -457,7 +459,7 @@ class Connection:
                 raise _Refuse(error(417, "expectation_failed", detail))
             if self._refused is not None:
                 raise _Refuse(self._refused)
-            if http11:
+            if parser.get_http_version() != "1.0":
                 if self.answers:  # after the answers before it, in order
                     slot = _Slot("", True, False)
                     slot.answer = _CONTINUE
