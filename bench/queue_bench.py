@@ -163,7 +163,7 @@ def cases() -> dict[str, dict[str, Callable[[int], float]]]:
     }
 
 
-# Issue #2's targets: (case prefix, baseline, minimum RingQueue/baseline ratio).
+# The core's targets: (case prefix, baseline, minimum RingQueue/baseline ratio).
 TARGETS = [
     ("a.", "queue.SimpleQueue", 0.75),
     ("b.", "asyncio.Queue", 3.0),

@@ -13,7 +13,6 @@ import select
 import socket
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import pytest
 
@@ -301,13 +300,6 @@ def test_credentials_and_fields_read_alike_on_every_front(guarded, field, status
     assert answers_in(answer) == [status], answer
 
 
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def healthz_seconds(port: int) -> float:
     started = time.monotonic()
     assert request(port, "GET", "/healthz")[0] == 200
@@ -322,7 +314,7 @@ def test_a_pipelined_flood_is_answered_in_turns(guarded):
     answering others meanwhile (the work per read and per loop turn is bounded)."""
     one = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
     flood = one * (PIPELINED - 1) + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    before = rss_bytes(guarded.proc.pid)
+    before = http_fuzz.rss_bytes(guarded.proc.pid)
     slowest = 0.0
     received = 0
     ends = b""
@@ -348,12 +340,12 @@ def test_a_pipelined_flood_is_answered_in_turns(guarded):
                 last_probe = time.monotonic()
     assert received == PIPELINED and b'{"status":"ok"}' in ends
     assert slowest < 1.0, f"/healthz took {slowest:.2f}s during the flood"
-    assert rss_bytes(guarded.proc.pid) - before < 100 * 2**20
+    assert http_fuzz.rss_bytes(guarded.proc.pid) - before < 100 * 2**20
 
 
 def test_a_client_that_never_reads_is_bounded_then_closed(tmp_path, front):
     server = Server("--request-timeout", "2", cwd=tmp_path)
-    before = rss_bytes(server.proc.pid)
+    before = http_fuzz.rss_bytes(server.proc.pid)
     one = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -367,7 +359,7 @@ def test_a_client_that_never_reads_is_bounded_then_closed(tmp_path, front):
             except BlockingIOError:
                 time.sleep(0.01)
         time.sleep(1)
-        held = rss_bytes(server.proc.pid) - before
+        held = http_fuzz.rss_bytes(server.proc.pid) - before
         assert healthz_seconds(server.port) < 1.0
         # Not read for longer than the request timeout: the server lets go of it, and
         # what is left to read ends (a busy server would keep sending for minutes).
