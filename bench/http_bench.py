@@ -10,8 +10,9 @@ the server, warm up, measure for --duration seconds with wrk and
 every payload that landed. Prints req/s, payloads/s, p50/p99, non-2xx, peak
 RSS, landed vs acknowledged, and each row's ratio to the first row; writes
 JSON and a PNG chart to bench/results/. With --runs K the servers are run in K
-interleaved rounds and each row shows its median round (every round is in the
-JSON): this host is shared, and one slow minute can halve a single run. Each
+interleaved rounds, every other one in reverse order, and each row shows its median
+round (every round is in the JSON): this host is shared, and one slow minute can halve
+a single run. Each
 row also says how much CPU time the hypervisor took from this VM while it was
 measured ("steal"): a round with steal is a noisy round, and p99 feels it first.
 The first server's ratio to each other one is also printed round by round (round k
@@ -526,12 +527,16 @@ def main(argv: list[str] | None = None) -> int:
         total = len(servers) * len(args.n) * args.runs
         for n in args.n:
             # Rounds interleave the servers, so a slow minute on this shared host falls on
-            # all of them rather than on one row.
+            # all of them rather than on one row. A server's place in a round moves its result
+            # by several %, so every other round runs them in reverse.
             for round_ in range(args.runs):
-                for i, server in enumerate(servers):
+                order = servers if round_ % 2 == 0 else servers[::-1]
+                for server in order:
                     done = sum(len(r) for r in runs.values())
                     say(f"[{done + 1}/{total}] {server.name}, N={n}, round {round_ + 1}")
-                    runs.setdefault((server.name, n), []).append(run_one(server, n, args, moto, i))
+                    index = servers.index(server)
+                    result = run_one(server, n, args, moto, index)
+                    runs.setdefault((server.name, n), []).append(result)
     finally:
         if moto is not None:
             moto.close()
