@@ -2,7 +2,11 @@
 #   docker build -t fastingest .
 #   docker run -p 127.0.0.1:8000:8000 -v fastingest-data:/var/lib/fastingest fastingest
 
-FROM python:3.11-slim-bookworm AS build
+# The base: any image with Python 3.11, pip and a venv first on PATH (.ci/container_check.py
+# builds one from a Debian mirror where no registry is reachable).
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
 # A C compiler for the Cython extension; nothing of this stage reaches the image.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
@@ -13,7 +17,7 @@ COPY src ./src
 RUN pip install --no-cache-dir build==1.2.2.post1 \
     && python -m build --wheel --outdir /dist
 
-FROM python:3.11-slim-bookworm AS runtime
+FROM ${PYTHON_IMAGE} AS runtime
 RUN useradd --system --uid 10001 --create-home --home-dir /var/lib/fastingest fastingest
 COPY --from=build /dist/ /tmp/dist/
 # The version pins the wheel just built (keep it equal to pyproject.toml's); the
@@ -31,8 +35,9 @@ ENV FASTINGEST_LISTEN=0.0.0.0:8000 \
     FASTINGEST_LOG_FORMAT=json \
     PYTHONDONTWRITEBYTECODE=1
 EXPOSE 8000
+# The probe follows FASTINGEST_LISTEN's port, so it holds on the host network too.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; port = os.environ['FASTINGEST_LISTEN'].rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2)"]
 # fastingest is PID 1 and drains on SIGTERM itself (with --processes, its supervisor forwards it).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["fastingest", "serve"]

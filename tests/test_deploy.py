@@ -1,7 +1,7 @@
 """The Dockerfile, compose file and Kubernetes manifests, checked offline.
 
-No container engine runs here, so CI proves what it can: lint, structure, schemas,
-and (in .ci/run) the Dockerfile's build-then-install steps in a fresh venv.
+Lint, structure and schemas; .ci/container_check.py (run by .ci/run) builds the image
+and runs it as the Deployment does.
 """
 
 from __future__ import annotations
@@ -103,6 +103,8 @@ def test_deployment_drains_before_it_is_killed():
     shutdown = float(args[args.index("--shutdown-timeout") + 1])
     sleep = float(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pod["terminationGracePeriodSeconds"] > sleep + shutdown
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert container["image"] == f"fastingest:{version}", "the tag the container check builds"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["resources"]["requests"] and container["resources"]["limits"]
