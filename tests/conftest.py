@@ -41,16 +41,15 @@ def pytest_configure(config: pytest.Config) -> None:
         )
 
 
-@pytest.fixture(scope="module", params=["lean", "lean-py", "aiohttp"])
-def front(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Runs a server test module on each front end: lean compiled, lean as Python, aiohttp.
+@pytest.fixture(scope="module", params=list(support.FRONT_ENV))
+def front(request: pytest.FixtureRequest) -> str:
+    """Each front end, for the tests whose outcome depends on it: lean compiled, lean as
+    Python, aiohttp (pass it on as ``Server(..., front=front)``); the others run on lean.
 
     ``lean-py`` is the lean front end with ``FASTINGEST_NO_EXTENSIONS=1``: its
     ``_protocol.py`` run as Python, with the queue's and the splitter's twins.
     """
-    support.FRONT = request.param
-    yield request.param
-    support.FRONT = "lean"
+    return str(request.param)
 
 
 @pytest.fixture(params=IMPLS)

@@ -21,8 +21,7 @@ from typing import Any
 import zstandard
 
 LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)/ingest")
-FRONT = "lean"  # the HTTP front end a Server runs; conftest's `front` fixture sets it
-# How each `front` runs: "lean-py" is the lean front end as Python source, no extensions.
+# How each front end runs: "lean-py" is the lean front end as Python source, no extensions.
 FRONT_ENV = {
     "lean": {"FASTINGEST_HTTP": "lean"},
     "lean-py": {"FASTINGEST_HTTP": "lean", "FASTINGEST_NO_EXTENSIONS": "1"},
@@ -34,11 +33,16 @@ class Server:
     """``python -m fastingest serve`` in a subprocess, its log kept in memory."""
 
     def __init__(
-        self, *args: str, cwd: Path, env: dict[str, str] | None = None, preexec_fn: Any = None
+        self,
+        *args: str,
+        cwd: Path,
+        env: dict[str, str] | None = None,
+        front: str = "lean",
+        preexec_fn: Any = None,
     ) -> None:
         clean = {k: v for k, v in os.environ.items() if not k.startswith(("FASTINGEST_", "MAX_"))}
         clean["FASTINGEST_PROCESSES"] = "1"  # one process unless a test asks for more
-        clean.update(FRONT_ENV[FRONT])
+        clean.update(FRONT_ENV[front])
         clean.update(env or {})
         cmd = [sys.executable, "-m", "fastingest", "serve", "--listen", "127.0.0.1:0", *args]
         self.proc = subprocess.Popen(

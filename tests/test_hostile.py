@@ -26,7 +26,8 @@ TOKEN = "s3cret-token"
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory, front):
-    server = Server("--auth-token", TOKEN, cwd=tmp_path_factory.mktemp(f"hostile-{front}"))
+    cwd = tmp_path_factory.mktemp(f"hostile-{front}")
+    server = Server("--auth-token", TOKEN, cwd=cwd, front=front)
     yield server
     assert server.stop() == 0
     assert "Traceback" not in server.text
@@ -110,7 +111,7 @@ def test_a_target_that_is_not_a_path_is_a_4xx(guarded, line):
 def test_bodies_in_flight_are_bounded_over_all_connections(tmp_path, front):
     """One body holds most of the budget: another that would pass it gets 503 at once (its
     bytes read and dropped, not kept), and fits again once the first is taken."""
-    server = Server("--max-inflight-bytes", "1M", cwd=tmp_path)
+    server = Server("--max-inflight-bytes", "1M", cwd=tmp_path, front=front)
     body = b'[{"pad":"%s"}]' % (b"p" * 700_000)
     head = (
         b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -344,7 +345,7 @@ def test_a_pipelined_flood_is_answered_in_turns(guarded):
 
 
 def test_a_client_that_never_reads_is_bounded_then_closed(tmp_path, front):
-    server = Server("--request-timeout", "2", cwd=tmp_path)
+    server = Server("--request-timeout", "2", cwd=tmp_path, front=front)
     before = http_fuzz.rss_bytes(server.proc.pid)
     one = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
@@ -395,7 +396,9 @@ FUZZ_RSS_BOUND = 300 * 2**20
 def test_fuzzed_requests_get_an_answer_or_a_clean_close(tmp_path, front):
     """10,000 mutated requests (bench.http_fuzz, seeded): no 5xx, well-formed answers,
     /healthz within a second, bounded memory, and exactly the accepted payloads land."""
-    server = Server("--auth-token", http_fuzz.TOKEN, "--request-timeout", "5", cwd=tmp_path)
+    server = Server(
+        "--auth-token", http_fuzz.TOKEN, "--request-timeout", "5", cwd=tmp_path, front=front
+    )
     seed = {"lean": 1, "lean-py": 2, "aiohttp": 3}[front]
     outcome = http_fuzz.Fuzzer(server.port, FUZZ_REQUESTS, seed).run(server.proc.pid)
     assert server.stop() == 0

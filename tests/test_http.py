@@ -23,13 +23,17 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("front")]
 MAX_BODY = 64 * 1024
 KEEPALIVE = 2.0
 REQUEST_TIMEOUT = 1.0
-SENT: Counter[bytes] = Counter()
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, front):
+def sent(front) -> Counter[bytes]:
+    """The payloads the server on `front` acknowledged: exactly these must land."""
+    return Counter()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, front, sent):
     cwd = tmp_path_factory.mktemp(f"http-{front}")
-    SENT.clear()
     server = Server(
         "--max-body-bytes",
         str(MAX_BODY),
@@ -38,19 +42,20 @@ def server(tmp_path_factory, front):
         "--request-timeout",
         str(REQUEST_TIMEOUT),
         cwd=cwd,
+        front=front,
     )
     yield server
     assert server.stop() == 0
     # Every acknowledged payload landed, once; nothing else did.
-    assert landed_dir(cwd / "fastingest-data" / "objects") == SENT
+    assert landed_dir(cwd / "fastingest-data" / "objects") == sent
 
 
 def body_of(*payloads: dict) -> bytes:
     return orjson.dumps(list(payloads))
 
 
-def acked(*payloads: dict) -> None:
-    SENT.update(orjson.dumps(p) for p in payloads)
+def acked(sent: Counter[bytes], *payloads: dict) -> None:
+    sent.update(orjson.dumps(p) for p in payloads)
 
 
 def post(body: bytes, *headers: str, version: str = "1.1") -> bytes:
@@ -96,7 +101,7 @@ def closed_by_peer(sock: socket.socket, within: float) -> bool:
         return False
 
 
-def test_keep_alive_serves_many_requests_on_one_connection(server):
+def test_keep_alive_serves_many_requests_on_one_connection(server, sent):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     conn.connect()
     first = conn.sock
@@ -105,12 +110,12 @@ def test_keep_alive_serves_many_requests_on_one_connection(server):
         conn.request("POST", "/ingest", body_of(p), {"Content-Type": "application/json"})
         resp = conn.getresponse()
         assert (resp.status, json.loads(resp.read())["accepted"]) == (202, 1)
-        acked(p)
+        acked(sent, p)
     assert conn.sock is first, "the connection was not kept alive"
     conn.close()
 
 
-def test_pipelined_requests_are_answered_in_order(server):
+def test_pipelined_requests_are_answered_in_order(server, sent):
     sock, reader = connect(server)
     durable, received = {"pipelined": "durable"}, {"pipelined": "received"}
     sock.sendall(
@@ -124,11 +129,11 @@ def test_pipelined_requests_are_answered_in_order(server):
     assert json.loads(answers[0][2])["ack"] == "durable"
     assert json.loads(answers[1][2])["ack"] == "received"
     assert json.loads(answers[2][2])["error"] == "malformed_json"
-    acked(durable, received)
+    acked(sent, durable, received)
     sock.close()
 
 
-def test_a_deep_pipeline_pauses_reading_and_answers_everything_in_order(server):
+def test_a_deep_pipeline_pauses_reading_and_answers_everything_in_order(server, sent):
     """More requests in flight than the protocol holds answers for (MAX_PIPELINED = 32)."""
     sock, reader = connect(server)
     payloads = [{"deep": i} for i in range(100)]
@@ -141,11 +146,11 @@ def test_a_deep_pipeline_pauses_reading_and_answers_everything_in_order(server):
     for i in range(len(payloads)):
         status, _, answer = read_answer(reader)
         assert (status, json.loads(answer)["ack"]) == (202, acks[i % 2]), i
-    acked(*payloads)
+    acked(sent, *payloads)
     sock.close()
 
 
-def test_chunked_body_in_pieces(server):
+def test_chunked_body_in_pieces(server, sent):
     sock, reader = connect(server)
     payloads = [{"chunked": i, "pad": "x" * 300} for i in range(3)]
     body = body_of(*payloads)
@@ -160,7 +165,7 @@ def test_chunked_body_in_pieces(server):
     sock.sendall(b"0\r\n\r\n")
     status, _, answer = read_answer(reader)
     assert (status, json.loads(answer)["accepted"]) == (202, 3)
-    acked(*payloads)
+    acked(sent, *payloads)
     sock.close()
 
 
@@ -183,7 +188,7 @@ def test_chunked_body_over_the_limit_is_refused(server, front):
     sock.close()
 
 
-def test_expect_100_continue(server):
+def test_expect_100_continue(server, sent):
     sock, reader = connect(server)
     p = {"expect": "continue"}
     body = body_of(p)
@@ -194,7 +199,7 @@ def test_expect_100_continue(server):
     sock.sendall(body)
     status, _, answer = read_answer(reader)
     assert (status, json.loads(answer)["accepted"]) == (202, 1)
-    acked(p)
+    acked(sent, p)
     sock.close()
 
 
@@ -212,7 +217,7 @@ def test_expect_100_continue_refused_before_the_body(server, front):
     sock.close()
 
 
-def test_an_oversized_head_is_refused_and_the_server_keeps_serving(server, front):
+def test_an_oversized_head_is_refused_and_the_server_keeps_serving(server, sent, front):
     sock, reader = connect(server)
     sock.sendall(post(body_of({"never": 1}), "X-Filler: " + "y" * 70_000))
     status, _, answer = read_answer(reader)
@@ -222,7 +227,7 @@ def test_an_oversized_head_is_refused_and_the_server_keeps_serving(server, front
         assert status == 400
     sock.close()
     assert server.post(body_of({"after": "head"}))[0] == 202
-    acked({"after": "head"})
+    acked(sent, {"after": "head"})
 
 
 def test_malformed_request_line(server, front):
@@ -235,13 +240,13 @@ def test_malformed_request_line(server, front):
     sock.close()
 
 
-def test_http_1_0_is_answered_then_closed(server):
+def test_http_1_0_is_answered_then_closed(server, sent):
     sock, reader = connect(server)
     p = {"http": "1.0"}
     sock.sendall(post(body_of(p), version="1.0"))
     status, _, answer = read_answer(reader)
     assert (status, json.loads(answer)["accepted"]) == (202, 1)
-    acked(p)
+    acked(sent, p)
     assert closed_by_peer(sock, within=5)
 
 
@@ -260,12 +265,12 @@ def test_head_sends_no_body(server):
     sock.close()
 
 
-def test_an_idle_connection_is_closed_after_the_keepalive_timeout(server):
+def test_an_idle_connection_is_closed_after_the_keepalive_timeout(server, sent):
     sock, reader = connect(server)
     p = {"idle": 1}
     sock.sendall(post(body_of(p)))
     assert read_answer(reader)[0] == 202
-    acked(p)
+    acked(sent, p)
     assert closed_by_peer(sock, within=KEEPALIVE + 5)
 
 

@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fastingest.endpoints import METRICS_TTL
 from support import Server, landed_dir, wait_until
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("front")]
+pytestmark = pytest.mark.timeout(120)
 
 
 _SCRAPED: dict[int, float] = {}  # port -> when it was last scraped
@@ -35,8 +35,8 @@ def value(samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def test_metrics_add_up_after_a_known_load(tmp_path):
-    server = Server("--batch-max-age", "0.2", cwd=tmp_path)
+def test_metrics_add_up_after_a_known_load(tmp_path, front):
+    server = Server("--batch-max-age", "0.2", cwd=tmp_path, front=front)
     good = [b'[{"a":1},{"b":2},{"c":3}]'] * 10
     sent = 0
     for body in good:
@@ -103,7 +103,7 @@ def test_metrics_sum_over_worker_processes(tmp_path):
     assert len(served) == 2 and all("accepted 0 " not in line for line in served)
 
 
-def test_json_logs_never_carry_payloads_or_tokens(tmp_path):
+def test_json_logs_never_carry_payloads_or_tokens(tmp_path, front):
     import json
 
     secret, marker = "tok-9f8e7d", "PAYLOAD-CONTENT-7731"
@@ -117,6 +117,7 @@ def test_json_logs_never_carry_payloads_or_tokens(tmp_path):
         "--batch-max-age",
         "0.1",
         cwd=tmp_path,
+        front=front,
         env={
             "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
             "AWS_ACCESS_KEY_ID": "x",

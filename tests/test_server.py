@@ -12,7 +12,9 @@ import zstandard
 
 from support import Server, landed_dir, landed_s3, lines_of, wait_until
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("front")]
+# The tests of what a client sees run on each front end; batching and the splitter's
+# outcome do not depend on it.
+pytestmark = pytest.mark.timeout(120)
 
 
 def payload(i: int) -> dict:
@@ -60,7 +62,9 @@ def forms() -> dict[str, tuple[str, dict[str, str], bytes, list[bytes]]]:
 @pytest.mark.parametrize(
     ("mode", "compression"), [("batch", "gzip"), ("batch", "zstd"), ("per-payload", "none")]
 )
-def test_every_body_form_lands_once_byte_identical(tmp_path, s3, bucket, s3_env, mode, compression):
+def test_every_body_form_lands_once_byte_identical(
+    tmp_path, s3, bucket, s3_env, mode, compression, front
+):
     server = Server(
         "--sink",
         f"s3://{bucket}/events",
@@ -70,6 +74,7 @@ def test_every_body_form_lands_once_byte_identical(tmp_path, s3, bucket, s3_env,
         compression,
         cwd=tmp_path,
         env=s3_env,
+        front=front,
     )
     expected: Counter[bytes] = Counter()
     for name, (ctype, headers, body, landed) in forms().items():
@@ -134,9 +139,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture(scope="module")
 def strict_server(tmp_path_factory, front):
     cwd = tmp_path_factory.mktemp("strict")
-    server = Server(
-        "--auth-token", TOKEN, "--auth-token", "other", "--max-body-bytes", "2048", cwd=cwd
-    )
+    args = ["--auth-token", TOKEN, "--auth-token", "other", "--max-body-bytes", "2048"]
+    server = Server(*args, cwd=cwd, front=front)
     yield server
     assert server.stop() == 0
 
@@ -326,8 +330,8 @@ def test_integers_land_as_sent_or_not_at_all(tmp_path):
     assert landed == Counter({edge: 1, big: 3})  # the edge case re-serialised, still exact
 
 
-def test_bad_requests_queue_nothing(tmp_path):
-    server = Server(cwd=tmp_path)
+def test_bad_requests_queue_nothing(tmp_path, front):
+    server = Server(cwd=tmp_path, front=front)
     for body in [b'[{"a":1}, 2]', b'{"data":[{"a":1}, null]}', b'[{"a":1}, {"b":']:
         assert server.post(body)[0] in (400, 422)
     assert server.post(b'{"good": true}')[0] == 202
@@ -335,16 +339,15 @@ def test_bad_requests_queue_nothing(tmp_path):
     assert landed_dir(tmp_path / "fastingest-data" / "objects") == Counter({b'{"good": true}': 1})
 
 
-def test_health_and_readiness(tmp_path, s3, bucket, s3_env):
-    server = Server("--sink", f"s3://{bucket}", cwd=tmp_path, env=s3_env)
+def test_health_and_readiness(tmp_path, s3, bucket, s3_env, front):
+    server = Server("--sink", f"s3://{bucket}", cwd=tmp_path, env=s3_env, front=front)
     assert server.request("GET", "/healthz")[:1] == (200,)
     status, _, answer = server.request("GET", "/readyz")
     assert status == 200 and answer["status"] == "ready"
     assert server.stop() == 0
     # A sink that fails does not make the server unready: the spool holds what it takes.
-    missing = Server(
-        "--sink", "s3://no-such-bucket-here", "--batch-max-age", "0.1", cwd=tmp_path, env=s3_env
-    )
+    args = ["--sink", "s3://no-such-bucket-here", "--batch-max-age", "0.1"]
+    missing = Server(*args, cwd=tmp_path, env=s3_env, front=front)
     assert missing.request("GET", "/healthz")[0] == 200
     assert missing.post(b'{"held": 1}')[0] == 202
     assert wait_until(lambda: "DELIVERY STALLED" in missing.text, timeout=20)
@@ -357,7 +360,7 @@ def test_the_front_end_runs_the_build_it_says(tmp_path, front):
     """The `lean-py` runs are the Python source; `lean` is compiled wherever it was built."""
     from fastingest import protocol
 
-    server = Server(cwd=tmp_path)
+    server = Server(cwd=tmp_path, front=front)
     assert server.stop() == 0
     expected = {
         "lean": "lean (compiled)" if protocol.COMPILED else "lean (python)",
@@ -368,12 +371,12 @@ def test_the_front_end_runs_the_build_it_says(tmp_path, front):
 
 
 @pytest.mark.parametrize("processes", ["1", "2"])
-def test_a_busy_port_is_a_clear_error(tmp_path, processes):
+def test_a_busy_port_is_a_clear_error(tmp_path, processes, front):
     """Never a traceback, and never a second server silently sharing the port (SO_REUSEPORT)."""
     import subprocess
     import sys
 
-    first = Server(cwd=tmp_path, env={"FASTINGEST_PROCESSES": processes})
+    first = Server(cwd=tmp_path, env={"FASTINGEST_PROCESSES": processes}, front=front)
     assert wait_until(lambda: first.text.count("listening on") == int(processes), timeout=30)
     second = subprocess.run(
         [

@@ -15,7 +15,7 @@ import pytest
 
 from support import FakeS3, S3Proxy, Server, dead_lettered, landed_dir, landed_s3, wait_until
 
-pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("front")]
+pytestmark = pytest.mark.timeout(180)
 
 
 def line(i: int, tag: str = "p") -> bytes:

@@ -12,7 +12,7 @@ import pytest
 
 from support import Server, landed_s3, load, wait_until
 
-pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("front")]
+pytestmark = pytest.mark.timeout(180)
 
 
 def start(tmp_path, bucket, s3_env) -> Server:
