@@ -30,6 +30,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastingest.batching")
 
 EXTENSIONS = {"gzip": ".ndjson.gz", "zstd": ".ndjson.zst", "none": ".ndjson"}
+
+
+def compression_of(key: str) -> str:
+    """A batch object's compression, from its key's extension."""
+    return next((c for c, ext in EXTENSIONS.items() if key.endswith(ext)), "none")
+
+
 CONTENT_TYPES = {
     "gzip": "application/gzip",
     "zstd": "application/zstd",
@@ -145,6 +152,40 @@ class Upload:
     sha256: str = ""  # of the body as stored, for downstream completeness checks
     content_md5: str = ""  # of the stored body, sent as Content-MD5
 
+    @classmethod
+    def batch(
+        cls,
+        key: str,
+        seqs: range,
+        compression: str,
+        *,
+        opened: float,
+        last: float,
+        raw_size: int,
+        payloads: int,
+        excluded: frozenset[int] = frozenset(),
+        sealed: tuple[bytes, str, str] = (b"", "", ""),
+    ) -> Upload:
+        """A batch of chunks `seqs` (its marker in the spool at the first): sealed, as the
+        batcher closes it, or to be read back from the spool and sealed by a worker."""
+        body, sha256, content_md5 = sealed
+        return cls(
+            key,
+            [],
+            raw_size,
+            payloads,
+            opened,
+            last,
+            CONTENT_TYPES[compression],
+            seqs,
+            seqs.start,
+            compression,
+            excluded,
+            body=body,
+            sha256=sha256,
+            content_md5=content_md5,
+        )
+
     def seal(self) -> None:
         """Join and compress what the batcher left unsealed (a replayed batch, a payload)."""
         if self.body:
@@ -243,24 +284,17 @@ class Batch:
 
     def close(self, keys: KeyMaker) -> Upload:
         self.encode()
-        body, sha256, content_md5 = self.encoder.finish()
         seqs = range(self.first, self.first + self.chunks + len(self.skipped))
-        compression = self.compression
-        return Upload(
-            key=keys.batch(self.opened, seqs.start, seqs.stop - 1, EXTENSIONS[compression]),
-            parts=[],
+        return Upload.batch(
+            keys.batch(self.opened, seqs.start, seqs.stop - 1, EXTENSIONS[self.compression]),
+            seqs,
+            self.compression,
+            opened=self.opened,
+            last=self.last,
             raw_size=self.nbytes,
             payloads=self.payloads,
-            first=self.opened,
-            last=self.last,
-            content_type=CONTENT_TYPES[compression],
-            seqs=seqs,
-            marker=seqs.start,
-            compression=compression,
-            body=body,
-            sha256=sha256,
-            content_md5=content_md5,
             excluded=frozenset(self.skipped),
+            sealed=self.encoder.finish(),
         )
 
 

@@ -21,8 +21,8 @@ The policy:
   than those above) goes to the dead-letter directory at once, and so does one
   whose first payload arrived longer than ``--delivery-window`` ago.
 - A chunk's spool record is freed only once its object is in the sink or its
-  dead-letter file is durably written. A dead-letter write that fails leaves the
-  object in the backlog, to be delivered or dead-lettered later.
+  dead-letter file is durably written (``Completion``). A dead-letter write that
+  fails leaves the object in the backlog, to be delivered or dead-lettered later.
 
 The backlog holds no payload bytes, so the spool, not memory, bounds how long
 an outage can last: new requests get 503 only once the spool is full.
@@ -291,6 +291,52 @@ class Delivery:
         left = list(self.backlog)
         self.backlog.clear()
         return left
+
+
+class Completion:
+    """What storing an object settles: its chunks' spool records are freed, and the
+    clients waiting for ack ``uploaded`` get their answer (True: in the sink, False:
+    dead-lettered). In per-payload mode a chunk becomes several objects and is settled
+    with the last of them."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self._parts_left: dict[int, int] = {}  # per-payload mode: seq -> objects to go
+        self._waiters: dict[int, asyncio.Future[bool]] = {}  # seq -> a client's "uploaded"
+
+    def wait(self, seq: int) -> asyncio.Future[bool]:
+        """A future for chunk `seq`'s storing; registered before the batcher can see it."""
+        stored = self._waiters[seq] = asyncio.get_running_loop().create_future()
+        return stored
+
+    def waits(self, seq: int) -> bool:
+        return seq in self._waiters
+
+    def forget(self, seq: int) -> None:
+        """Chunk `seq` is not delivered (its client got 503): nobody waits for it."""
+        self._waiters.pop(seq, None)
+
+    def split(self, seq: int, objects: int) -> None:
+        """Chunk `seq` is stored as `objects` objects (per-payload mode)."""
+        if objects > 1:
+            self._parts_left[seq] = objects
+
+    def done(self, upload: Upload, uploaded: bool) -> None:
+        """`upload` is stored (sink or dead letter)."""
+        if not self._parts_left and not self._waiters:  # nothing to settle per seq
+            self.spool.stored(upload.seqs, marker=upload.marker)
+            return
+        finished = []
+        for seq in upload.seqs:
+            left = self._parts_left.get(seq)
+            if left is not None and left > 1:
+                self._parts_left[seq] = left - 1
+                continue
+            self._parts_left.pop(seq, None)
+            finished.append(seq)
+            if (fut := self._waiters.pop(seq, None)) is not None and not fut.done():
+                fut.set_result(uploaded)
+        self.spool.stored(finished, marker=upload.marker)
 
 
 def _duration(seconds: float) -> str:

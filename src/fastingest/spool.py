@@ -411,6 +411,10 @@ class Spool:
         self._start_flusher()
         return self._appended
 
+    def append_marker(self, marker: Marker) -> int:
+        """Record a closed batch's boundaries (fsynced); returns the ticket to wait on."""
+        return self.append(BATCH, marker.first, marker.opened, marker.pack())
+
     def when_durable(
         self,
         ticket: int,
