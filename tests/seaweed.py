@@ -26,7 +26,7 @@ import boto3
 ACCESS_KEY = "fastingest-test"
 SECRET_KEY = "fastingest-test-secret"
 START_SECONDS = 60
-STOP_SECONDS = 10  # weed may ignore SIGTERM for a while: then it is killed
+STOP_SECONDS = 3  # weed may ignore SIGTERM for a while: then it is killed
 
 
 def weed_binary() -> str | None:

@@ -23,6 +23,9 @@ _get_running_loop = asyncio.events._get_running_loop
 _MAIN_THREAD_ID = threading.main_thread().ident
 _MAIN_THREAD_SLICE = 0.1  # the main thread wakes this often so signal handlers can run
 
+# Result codes of the push helpers, as in _queue.pyx.
+PUSHED, FULL, CLOSED = 0, 1, 2
+
 
 def item_size(item: object) -> int:
     """Bytes charged for `item`: len() of bytes-like items, 0 for anything else."""
@@ -119,17 +122,17 @@ class RingQueue(Generic[T]):
         return size
 
     def _try_put(self, item: T, size: int, final: bool) -> int:
-        """0 pushed, 1 full, 2 closed; `final`: count a refusal as rejected."""
+        """PUSHED, FULL or CLOSED; `final`: count a refusal as rejected."""
         with self._lock:
             if self._closed:
-                return 2
+                return CLOSED
             if not self._fits(size):
                 self._rejected += final
-                return 1
+                return FULL
             self._push(item, size)
         if self._getters:
             _wake_one(self._getters)
-        return 0
+        return PUSHED
 
     def _try_get(self) -> tuple[bool, T | None, bool]:
         with self._lock:
@@ -147,9 +150,9 @@ class RingQueue(Generic[T]):
 
     def put_nowait(self, item: T) -> None:
         rc = self._try_put(item, self._checked_size(item), True)
-        if rc == 1:
+        if rc == FULL:
             raise QueueFull()
-        if rc == 2:
+        if rc == CLOSED:
             raise QueueClosed("queue is closed")
 
     def get_nowait(self) -> T:
@@ -259,9 +262,9 @@ class RingQueue(Generic[T]):
         size = self._checked_size(item)
         while True:
             rc = self._try_put(item, size, False)
-            if rc == 0:
+            if rc == PUSHED:
                 return
-            if rc == 2:
+            if rc == CLOSED:
                 raise QueueClosed("queue is closed")
             await self._park(self._putters)
 

@@ -16,6 +16,8 @@ from typing import Any
 
 DEFAULT_LISTEN = "127.0.0.1:8000"
 DEFAULT_DATA_DIR = "fastingest-data"  # relative to the working directory
+# Set by the supervisor in each child: which of the --processes this one is.
+WORKER_INDEX_ENV = "FASTINGEST_WORKER_INDEX"
 DEFAULT_MAX_WORKERS = 16
 DEFAULT_MAX_QUEUE = 10_000  # queued requests (each holds one request's payloads)
 DEFAULT_MAX_QUEUE_BYTES = 32 * 1024 * 1024
@@ -423,7 +425,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
             except (ValueError, argparse.ArgumentTypeError) as exc:
                 raise SystemExit(f"fastingest: ${name}={raw!r}: {exc}") from None
             break
-    index = environ.get("FASTINGEST_WORKER_INDEX")
+    index = environ.get(WORKER_INDEX_ENV)
     if index is not None:
         values["worker_index"] = int(index)
     return Settings(**values)

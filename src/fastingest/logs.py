@@ -12,6 +12,8 @@ import time
 
 import orjson
 
+from fastingest.config import WORKER_INDEX_ENV
+
 # Attributes every LogRecord has; anything else on a record is an extra field worth keeping.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
@@ -19,7 +21,7 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message
 class JsonFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__()
-        worker = os.environ.get("FASTINGEST_WORKER_INDEX")
+        worker = os.environ.get(WORKER_INDEX_ENV)
         self.worker = None if worker is None else int(worker)
 
     def format(self, record: logging.LogRecord) -> str:

@@ -1,8 +1,8 @@
 """Selects the lean front end: ``_protocol.py`` compiled with Cython, or the same file as Python.
 
 ``_protocol.pxd`` types the compiled build's classes; the source is one file either way.
-The same switch as the queue's (``queue.USE_EXTENSIONS``): ``FASTINGEST_NO_EXTENSIONS=1``
-runs the source even where a compiled build is installed, which is how the tests run both.
+The switch is ``compat.USE_EXTENSIONS``: ``FASTINGEST_NO_EXTENSIONS=1`` runs the source
+even where a compiled build is installed, which is how the tests run both.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from types import ModuleType
 
-from fastingest.queue import USE_EXTENSIONS
+from fastingest.compat import USE_EXTENSIONS
 
 
 def _source() -> ModuleType:

@@ -24,9 +24,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from fastingest.config import WORKER_INDEX_ENV
+
 log = logging.getLogger("fastingest.supervisor")
 
-WORKER_INDEX_ENV = "FASTINGEST_WORKER_INDEX"
 RESTART_BACKOFF = 1.0  # seconds before restarting a child that died young
 YOUNG = 5.0  # a child that dies sooner than this is restarted after RESTART_BACKOFF
 GIVE_UP_AFTER = 5  # consecutive young deaths of one worker: it cannot start, stop everything
