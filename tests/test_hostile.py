@@ -389,24 +389,27 @@ def _alive(s: socket.socket) -> bool:
         return False
 
 
-FUZZ_REQUESTS = 10_000
+# Per front: lean-py runs the lean front's own source, compiled in the lean run.
+FUZZ_REQUESTS = {"lean": 10_000, "lean-py": 3_000, "aiohttp": 10_000}
 FUZZ_RSS_BOUND = 300 * 2**20
 
 
 def test_fuzzed_requests_get_an_answer_or_a_clean_close(tmp_path, front):
-    """10,000 mutated requests (bench.http_fuzz, seeded): no 5xx, well-formed answers,
-    /healthz within a second, bounded memory, and exactly the accepted payloads land."""
+    """10,000 mutated requests (bench.http_fuzz, seeded; 3,000 on lean-py): no 5xx,
+    well-formed answers, /healthz within a second, bounded memory, and exactly the
+    accepted payloads land."""
     server = Server(
         "--auth-token", http_fuzz.TOKEN, "--request-timeout", "5", cwd=tmp_path, front=front
     )
     seed = {"lean": 1, "lean-py": 2, "aiohttp": 3}[front]
-    outcome = http_fuzz.Fuzzer(server.port, FUZZ_REQUESTS, seed).run(server.proc.pid)
+    requests = FUZZ_REQUESTS[front]
+    outcome = http_fuzz.Fuzzer(server.port, requests, seed).run(server.proc.pid)
     assert server.stop() == 0
     landed = landed_dir(tmp_path / "fastingest-data" / "objects")
     problems = outcome.problems + http_fuzz.check_landed(outcome, landed)
     assert not problems, problems[:10]
-    assert outcome.sent >= FUZZ_REQUESTS
-    assert len(outcome.accepted) > FUZZ_REQUESTS // 10 and len(outcome.refused) > 1000
+    assert outcome.sent >= requests
+    assert len(outcome.accepted) > requests // 10 and len(outcome.refused) > requests // 10
     assert outcome.slowest_health < 1.0
     assert 0 < outcome.peak_rss < FUZZ_RSS_BOUND
     assert "Traceback" not in server.text

@@ -46,9 +46,9 @@ from typing import cast
 import httptools
 
 from fastingest import metrics
-from fastingest.bodies import BodyError
 from fastingest.endpoints import (
     INGEST_PATH,
+    ROUTES,
     SINGLE_FIELDS,
     Answer,
     Endpoints,
@@ -61,6 +61,7 @@ from fastingest.endpoints import (
     repeated,
     too_large,
 )
+from fastingest.errors import Refusal
 
 log = logging.getLogger("fastingest.protocol")
 
@@ -74,12 +75,6 @@ LINGER_SECONDS = 2.0  # after a refusal, how long what the client still sends is
 TICK_SECONDS = 1.0  # how often the Date header and the timeouts are refreshed
 RENDERED_PER_TICK = 64  # distinct answers kept rendered until the Date changes
 
-ROUTES: dict[str, tuple[str, ...]] = {
-    INGEST_PATH: ("POST",),
-    "/healthz": ("GET", "HEAD"),
-    "/readyz": ("GET", "HEAD"),
-    "/metrics": ("GET", "HEAD"),
-}
 STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CONTINUE = Answer(100, b"")  # a slot holding the interim answer of a pipelined Expect
@@ -446,7 +441,7 @@ class Connection:
                 self._ack = self.endpoints.check(headers, int(length) if length else None)
                 if length and (busy := self.endpoints.reserve(int(length))) is not None:
                     raise busy
-            except BodyError as exc:
+            except Refusal as exc:
                 if exc.status == 413 or expect:  # no point reading a body we cannot take
                     raise _Refuse(refusal(exc)) from None
                 self._refused = refusal(exc)
@@ -515,12 +510,8 @@ class Connection:
             self.endpoints.release(self._held)  # from here the intake's bounds hold it
             self._held = 0
             answer = self.endpoints.ingest(self._headers, body, self._ack)
-        elif route == "/healthz":
-            answer = self.endpoints.health()
-        elif route == "/readyz":
-            answer = self.endpoints.readiness()
         else:
-            answer = self.endpoints.metrics()
+            answer = self.endpoints.pages[route]()
         self._reply(answer, route, keep_alive, self._head)
 
     # --- answers, in request order ----------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from fastingest.errors import Refusal
 from fastingest.split import split_payloads
 
 # An integer of 19 or more digits may lie outside [-2**63, 2**64), which orjson reads as a float.
@@ -34,18 +35,8 @@ JSON_TYPES = frozenset({"application/json"})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
 
 
-class BodyError(Exception):
-    """A request we refuse: HTTP status, a short code, a sentence, and where."""
-
-    def __init__(self, status: int, error: str, detail: str, **where: int) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.error = error
-        self.detail = detail
-        self.where = where
-
-    def body(self) -> dict[str, Any]:
-        return {"error": self.error, "detail": self.detail, **self.where}
+class BodyError(Refusal):
+    """A body refused: not decodable, not JSON, not payloads, or too large."""
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs 3x, per request

@@ -17,7 +17,7 @@ import functools
 import hmac
 import re
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, NamedTuple
 
 import orjson
@@ -25,7 +25,7 @@ import orjson
 from fastingest import metrics
 from fastingest.bodies import BodyError, decompress, parse
 from fastingest.config import ACK_LEVELS, Settings
-from fastingest.errors import QueueClosed, QueueFull
+from fastingest.errors import QueueClosed, QueueFull, Refusal
 from fastingest.idempotency import IdempotencyCache
 from fastingest.pipeline import Pipeline
 from fastingest.spool import SpoolError
@@ -35,6 +35,13 @@ JSON = "application/json"
 RETRY_AFTER_SECONDS = "1"
 ACK_HEADER = "X-Fastingest-Ack"
 INGEST_PATH = "/ingest"
+# The pages, answered at once from the server's state: path -> the Endpoints method.
+PAGES = {"/healthz": "health", "/readyz": "readiness", "/metrics": "metrics"}
+# The route table both front ends serve: path -> the methods it takes.
+ROUTES: dict[str, tuple[str, ...]] = {
+    INGEST_PATH: ("POST",),
+    **{path: ("GET", "HEAD") for path in PAGES},
+}
 MAX_IDEMPOTENCY_KEY = 255
 _IDEMPOTENCY_KEY = re.compile(rf"[\x20-\x7e]{{1,{MAX_IDEMPOTENCY_KEY}}}")
 METRICS_TTL = 0.5  # seconds a rendered /metrics page is served again: a scrape costs a render
@@ -76,7 +83,7 @@ def error(status: int, code: str, detail: str, *headers: tuple[str, str]) -> Ans
     return json_answer(status, {"error": code, "detail": detail}, *headers)
 
 
-def refusal(exc: BodyError) -> Answer:
+def refusal(exc: Refusal) -> Answer:
     """A refused request as an answer, with the header its status calls for."""
     metrics.ERRORS.labels(exc.error).inc()
     headers: tuple[tuple[str, str], ...] = ()
@@ -125,8 +132,8 @@ def head_refusal(
     return None
 
 
-def draining() -> BodyError:
-    return BodyError(503, "shutting_down", "this server is draining; retry elsewhere")
+def draining() -> Refusal:
+    return Refusal(503, "shutting_down", "this server is draining; retry elsewhere")
 
 
 def media_type(content_type: str | None) -> str:
@@ -169,13 +176,16 @@ class Endpoints:
         self._bytes_in = metrics.tally(metrics.BYTES_IN)
         self._metrics_page: Answer | None = None
         self._metrics_at = 0.0
+        self.pages: dict[str, Callable[[], Answer]] = {
+            path: getattr(self, method) for path, method in PAGES.items()
+        }
 
     # --- bodies in flight -------------------------------------------------------
 
-    def reserve(self, size: int) -> BodyError | None:
+    def reserve(self, size: int) -> Refusal | None:
         """Count `size` body bytes in flight; the 503 to answer instead if they do not fit."""
         if self.inflight + size > self.max_inflight_bytes and self.inflight:
-            return BodyError(
+            return Refusal(
                 503,
                 "overloaded",
                 f"{self.inflight} request bytes are being received; retry after a moment",
@@ -192,13 +202,13 @@ class Endpoints:
         """Refuse what can be refused before the body is read; returns the ack level."""
         ack = (headers.get("x-fastingest-ack") or self.settings.ack).lower()
         if ack not in ACK_LEVELS:
-            raise BodyError(400, "bad_ack", f"{ACK_HEADER} must be one of {', '.join(ACK_LEVELS)}")
+            raise Refusal(400, "bad_ack", f"{ACK_HEADER} must be one of {', '.join(ACK_LEVELS)}")
         if not self.pipeline.accepting:
             raise draining()
         if self.tokens and (auth := headers.get("authorization")):
             scheme, _, bearer = auth.partition(" ")
             if scheme.lower() != "bearer" or not _authorized(bearer.strip(), self.tokens):
-                raise BodyError(401, "unauthorized", "bad bearer token")
+                raise Refusal(401, "unauthorized", "bad bearer token")
         limit = self.max_body_bytes
         if content_length is not None and content_length > limit:
             detail = f"body of {content_length} bytes is over {limit}"
@@ -217,17 +227,17 @@ class Endpoints:
             if self.tokens and not headers.get("authorization"):
                 try:  # a replay answers from the cache: authorise before looking the key up
                     self._body_token(headers, body)
-                except BodyError as exc:
+                except Refusal as exc:
                     return refusal(exc)
             return self._idempotent(key, headers, body, ack)
         return self._ingest(headers, body, ack)
 
     def _body_token(self, headers: Headers, raw: bytes) -> None:
-        """BodyError (401, or why the body is unreadable) unless its token is accepted."""
+        """Refusal (401, or why the body is unreadable) unless its token is accepted."""
         body = decompress(raw, headers.get("content-encoding", ""), self.max_body_bytes)
         payloads = parse(body, media_type(headers.get("content-type")))
         if not _authorized(payloads.token, self.tokens):
-            raise BodyError(
+            raise Refusal(
                 401,
                 "unauthorized",
                 "send Authorization: Bearer <token> or the collection's token field",
@@ -236,7 +246,7 @@ class Endpoints:
     def _ingest(self, headers: Headers, body: bytes, ack: str) -> Answer | asyncio.Future[Answer]:
         try:
             count, ticket, stored = self._take(headers, body, ack)
-        except BodyError as exc:
+        except Refusal as exc:
             return refusal(exc)
         if ack == "received":
             return _accepted(count, ack)
@@ -255,7 +265,7 @@ class Endpoints:
         payloads = parse(body, media_type(headers.get("content-type")))
         if self.tokens and not headers.get("authorization"):
             if not _authorized(payloads.token, self.tokens):
-                raise BodyError(
+                raise Refusal(
                     401,
                     "unauthorized",
                     "send Authorization: Bearer <token> or the collection's token field",
@@ -268,13 +278,13 @@ class Endpoints:
                 want_upload=ack == "uploaded",
             )
         except QueueFull:
-            raise BodyError(
+            raise Refusal(
                 503, "overloaded", "the ingest queue is full; retry after a moment"
             ) from None
         except QueueClosed:
             raise draining() from None
         except SpoolError as exc:
-            raise BodyError(503, "spool_unavailable", str(exc)) from None
+            raise Refusal(503, "spool_unavailable", str(exc)) from None
         return payloads.count, ticket, stored
 
     async def _idempotent(self, key: str, headers: Headers, body: bytes, ack: str) -> Answer:
@@ -338,7 +348,7 @@ def _durable(
         return
     if failed is not None:
         # The pipeline leaves the chunk out (see Spool.refused): the client sends it again.
-        answer.set_result(refusal(BodyError(503, "spool_unavailable", str(failed))))
+        answer.set_result(refusal(Refusal(503, "spool_unavailable", str(failed))))
     elif stored is None:
         answer.set_result(_accepted(count, ack))
     else:

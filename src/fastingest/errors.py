@@ -1,6 +1,8 @@
-"""Exceptions shared by the compiled queue core and its pure-Python twin."""
+"""Exceptions shared across modules: the queue core's (compiled and twin) and a refusal."""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class QueueFull(Exception):
@@ -13,3 +15,20 @@ class QueueEmpty(Exception):
 
 class QueueClosed(Exception):
     """The queue was closed: puts are refused, and gets fail once it is drained."""
+
+
+class Refusal(Exception):
+    """A request refused: its HTTP status, a short code, a sentence, and where in the body.
+
+    Both front ends answer it the same way (``endpoints.refusal``).
+    """
+
+    def __init__(self, status: int, error: str, detail: str, **where: int) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.where = where
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.error, "detail": self.detail, **self.where}

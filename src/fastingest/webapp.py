@@ -16,9 +16,9 @@ from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
 
 from fastingest import metrics
-from fastingest.bodies import BodyError
 from fastingest.endpoints import (
     INGEST_PATH,
+    ROUTES,
     SINGLE_FIELDS,
     Answer,
     Endpoints,
@@ -30,6 +30,7 @@ from fastingest.endpoints import (
     repeated,
     too_large,
 )
+from fastingest.errors import Refusal
 
 log = logging.getLogger("fastingest.webapp")
 
@@ -123,7 +124,7 @@ async def ingest(request: web.Request) -> web.Response:
     endpoints = request.app[ENDPOINTS]
     try:
         ack = endpoints.check(request.headers, request.content_length)
-    except BodyError as exc:
+    except Refusal as exc:
         return response(refusal(exc))
     size = request.content_length or 0
     if (busy := endpoints.reserve(size)) is not None:
@@ -136,16 +137,11 @@ async def ingest(request: web.Request) -> web.Response:
     return response(answer if isinstance(answer, Answer) else await answer)
 
 
-async def healthz(request: web.Request) -> web.Response:
-    return response(request.app[ENDPOINTS].health())
+def _page(answer: Callable[[], Answer]) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def page(request: web.Request) -> web.Response:
+        return response(answer())
 
-
-async def readyz(request: web.Request) -> web.Response:
-    return response(request.app[ENDPOINTS].readiness())
-
-
-async def metrics_page(request: web.Request) -> web.Response:
-    return response(request.app[ENDPOINTS].metrics())
+    return page
 
 
 async def expect(request: web.Request) -> web.StreamResponse | None:
@@ -168,9 +164,12 @@ async def expect(request: web.Request) -> web.StreamResponse | None:
 def make_app(endpoints: Endpoints) -> web.Application:
     app = web.Application(client_max_size=endpoints.max_body_bytes, middlewares=[observe])
     app[ENDPOINTS] = endpoints
-    app.router.add_post(INGEST_PATH, ingest, expect_handler=expect)
-    for path, handler in (("/healthz", healthz), ("/readyz", readyz), ("/metrics", metrics_page)):
-        app.router.add_get(path, handler, expect_handler=expect)
+    for path, methods in ROUTES.items():
+        if path == INGEST_PATH:
+            app.router.add_post(path, ingest, expect_handler=expect)
+        else:
+            assert methods == ("GET", "HEAD")  # add_get serves HEAD too
+            app.router.add_get(path, _page(endpoints.pages[path]), expect_handler=expect)
     return app
 
 
