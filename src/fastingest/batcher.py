@@ -26,7 +26,6 @@ from fastingest.queue import RingQueue
 from fastingest.spool import Marker, Spool
 
 DRAIN_CHUNKS = 1024  # chunks the batcher takes from the intake per round
-JOBS_WAITING = 4  # closed batches queued for the upload workers
 
 
 class Batcher:

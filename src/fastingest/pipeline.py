@@ -28,7 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from fastingest import metrics
-from fastingest.batcher import JOBS_WAITING, Batcher
+from fastingest.batcher import Batcher
 from fastingest.batching import KeyMaker, Upload
 from fastingest.config import Settings, usable_cpus
 from fastingest.deadletter import DeadLetter
@@ -45,6 +45,7 @@ log = logging.getLogger("fastingest.pipeline")
 # from the spool, large per-payload objects), so that they leave most of a shared core
 # to the event loop.
 SEAL_NICE = 4
+JOBS_WAITING = 4  # closed batches queued for the upload workers
 DRAIN_POLL = 0.05  # seconds between looks at the delivery while a stop drains it
 
 
