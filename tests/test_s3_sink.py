@@ -26,7 +26,6 @@ from botocore.credentials import ReadOnlyCredentials
 from fastingest.batching import Batch, KeyMaker, Upload
 from fastingest.sinks import SinkError, s3_put
 from fastingest.sinks.s3 import YIELD_BEFORE, S3Sink
-from fastingest.sinks.s3_put import sign
 from support import S3Proxy
 
 pytestmark = pytest.mark.timeout(60)
@@ -147,39 +146,28 @@ def test_the_direct_path_is_taken_against_a_real_s3_api(at_store):
 
 
 @pytest.mark.parametrize("token", [None, "session-token"])
-def test_the_direct_signature_is_the_one_botocore_computes(monkeypatch, token):
-    """Same request, same instant: sign() and botocore's S3 SigV4 signer agree."""
+def test_the_direct_signature_is_the_one_botocore_computes_over_the_body(monkeypatch, token):
+    """The direct path signs the SHA-256 the encoder computed, and the Host it sends:
+    the signature botocore's own signer gets by hashing the body itself."""
     now = datetime.datetime(2026, 11, 29, 15, 4, 5)
     monkeypatch.setattr("botocore.auth.get_current_datetime", lambda: now)
     secret = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"  # AWS's documentation example
     credentials = ReadOnlyCredentials("AKIDEXAMPLE", secret, token)
-    body = b'{"a": 1}\n' * 100
-    path = "/bucket/in%20put/dt%3D2026-11-29/%C3%A9t%C3%A9~x.ndjson.zst"
-    headers = {
-        "Content-Length": str(len(body)),
-        "Content-MD5": "kP1pm8zuNHaKlqVxNfmsmg==",
-        "Content-Type": "application/zstd",
-        "If-None-Match": "*",
-        "x-amz-meta-fastingest-payloads": "100",
-        "x-amz-meta-fastingest-first": "2026-11-29T15:04:05.000Z",
-    }
-    ours = sign(
-        "PUT",
-        "127.0.0.1:9000",
-        path,
-        headers,
-        hashlib.sha256(body).hexdigest(),
-        credentials,
-        "eu-west-1",
-        "s3",
-        now.replace(tzinfo=datetime.UTC).timestamp(),
-    )
+    upload = small_upload(prefix="in put/été~")  # percent-encoded in the path
+    direct = s3_put.DirectPut("http://127.0.0.1:9000/bucket/", "eu-west-1", "s3", None, None)
+    path = direct.path(upload)
+    assert path.startswith("/bucket/in%20put/%C3%A9t%C3%A9~")
+    ours = direct.headers(upload, path, conditional=True, credentials=credentials)
+    added = {"Authorization", "X-Amz-Date", "X-Amz-Content-SHA256", "X-Amz-Security-Token"}
+    sent = {k: v for k, v in ours.items() if k not in added and k != "User-Agent"}
+    assert sent["Host"] == "127.0.0.1:9000" and sent["If-None-Match"] == "*"
     # Over plain HTTP botocore signs the body's SHA-256, which it computes itself.
-    theirs = AWSRequest("PUT", "http://127.0.0.1:9000" + path, data=body, headers=headers)
+    theirs = AWSRequest("PUT", "http://127.0.0.1:9000" + path, data=upload.body, headers=sent)
     S3SigV4Auth(credentials, "s3", "eu-west-1").add_auth(theirs)
     assert ours["Authorization"] == theirs.headers["Authorization"]
     assert ours["X-Amz-Date"] == theirs.headers["X-Amz-Date"]
     assert ours["X-Amz-Content-SHA256"] == theirs.headers["X-Amz-Content-SHA256"]
+    assert ours["X-Amz-Content-SHA256"] == hashlib.sha256(upload.body).hexdigest()
     assert ours.get("X-Amz-Security-Token") == token
 
 

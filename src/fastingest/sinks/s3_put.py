@@ -1,15 +1,15 @@
 """One PutObject signed and sent without botocore's per-call pipeline.
 
 botocore runs every PutObject through parameter validation, endpoint rules, a
-user agent rebuilt from scratch, a dozen event hooks, a signer built on
-``email.message`` headers and a response parser: about 4 ms of event-loop CPU
-per PUT, in steps of up to 1.5 ms that every request in flight waits out
-(1.6 MB bodies, against moto). The sink puts the same few headers on every
-object, so this module does only what changes from one PUT to the next: it
-signs (SigV4, with the body's SHA-256 that the encoder already computed) and
-sends over the client's own HTTP session, so proxies, TLS settings, timeouts
-and the connection pool stay the client's. The body goes out in slices, with
-a turn for the event loop between them.
+user agent rebuilt from scratch, a dozen event hooks, the signer and a response
+parser: about 4 ms of event-loop CPU per PUT, in steps of up to 1.5 ms that every
+request in flight waits out (1.6 MB bodies, against moto). The sink puts the same
+few headers on every object, so this module does only what changes from one PUT
+to the next: it signs with botocore's own S3 SigV4 signer, given the body's
+SHA-256 that the encoder already computed, and sends over the client's own HTTP
+session, so proxies, TLS settings, timeouts and the connection pool stay the
+client's. The body goes out in slices, with a turn for the event loop between
+them.
 
 What it takes from botocore once, at start: the object URL prefix and the
 signing scope, from a put_object stopped just before it would be sent (so
@@ -21,18 +21,15 @@ every answer but success, 412 and the retryable ones (see S3Sink.put).
 from __future__ import annotations
 
 import asyncio
-import functools
-import hashlib
-import hmac
 import logging
 import re
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from aiobotocore.awsrequest import AioAWSResponse
-from botocore.awsrequest import AWSPreparedRequest
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSPreparedRequest, AWSRequest
 from botocore.utils import percent_encode
 
 from fastingest import __version__
@@ -50,63 +47,17 @@ _AUTHORIZATION = re.compile(
 )
 
 
-@functools.lru_cache(maxsize=8)
-def _signing_key(secret: str, date: str, region: str, service: str) -> bytes:
-    key = ("AWS4" + secret).encode()
-    for part in (date, region, service, "aws4_request"):
-        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-    return key
+class _Signer(S3SigV4Auth):
+    """botocore's SigV4 for S3, given the body's SHA-256 that the encoder already
+    computed: botocore would hash the body again (or, over TLS with Content-MD5, leave
+    it unsigned)."""
 
+    def __init__(self, credentials: Any, service: str, region: str, payload_sha256: str) -> None:
+        super().__init__(credentials, service, region)
+        self._payload_sha256 = payload_sha256
 
-def sign(
-    method: str,
-    host: str,
-    path: str,
-    headers: dict[str, str],
-    payload_sha256: str,
-    credentials: Any,
-    region: str,
-    service: str,
-    now: float,
-) -> dict[str, str]:
-    """`headers` plus the SigV4 headers for a request without a query string.
-
-    `path` is as sent (already percent-encoded: S3 signs it as is). Every header
-    given is signed, and so is the host; the result carries Host so that what is
-    sent is what was signed.
-    """
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
-    headers = {
-        **headers,
-        "Host": host,
-        "X-Amz-Date": stamp,
-        "X-Amz-Content-SHA256": payload_sha256,
-    }
-    if credentials.token:
-        headers["X-Amz-Security-Token"] = credentials.token
-    canonical = sorted((name.lower(), " ".join(value.split())) for name, value in headers.items())
-    signed = ";".join(name for name, _ in canonical)
-    request = "\n".join(
-        (
-            method,
-            path,
-            "",
-            "".join(f"{name}:{value}\n" for name, value in canonical),
-            signed,
-            payload_sha256,
-        )
-    )
-    scope = f"{stamp[:8]}/{region}/{service}/aws4_request"
-    to_sign = "\n".join(
-        ("AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(request.encode()).hexdigest())
-    )
-    key = _signing_key(credentials.secret_key, stamp[:8], region, service)
-    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-    headers["Authorization"] = (
-        f"AWS4-HMAC-SHA256 Credential={credentials.access_key}/{scope}, "
-        f"SignedHeaders={signed}, Signature={signature}"
-    )
-    return headers
+    def payload(self, request: AWSRequest) -> str:
+        return self._payload_sha256
 
 
 async def _slices(body: bytes) -> AsyncIterator[memoryview]:
@@ -186,7 +137,7 @@ class DirectPut:
         return self.prefix_path + percent_encode(upload.key, safe="/~")
 
     def headers(
-        self, upload: Upload, path: str, *, conditional: bool, credentials: Any, now: float
+        self, upload: Upload, path: str, *, conditional: bool, credentials: Any
     ) -> dict[str, str]:
         """The signed headers of the PUT for `upload`: put_object's, less its SDK extras."""
         headers = {
@@ -197,17 +148,10 @@ class DirectPut:
         }
         if conditional:
             headers["If-None-Match"] = "*"
-        signed = sign(
-            "PUT",
-            self.host,
-            path,
-            headers,
-            upload.sha256,
-            credentials,
-            self.region,
-            self.service,
-            now,
-        )
+        # Host is signed as it is sent: the port only where the URL has one.
+        request = AWSRequest("PUT", self.origin + path, {**headers, "Host": self.host})
+        _Signer(credentials, self.service, self.region, upload.sha256).add_auth(request)
+        signed = dict(request.headers.items())
         signed["User-Agent"] = self._user_agent  # never signed (as in botocore)
         return signed
 
@@ -218,9 +162,7 @@ class DirectPut:
         """
         credentials = await self._credentials.get_frozen_credentials()
         path = self.path(upload)
-        headers = self.headers(
-            upload, path, conditional=conditional, credentials=credentials, now=time.time()
-        )
+        headers = self.headers(upload, path, conditional=conditional, credentials=credentials)
         body = _slices(upload.body)
         request = AWSPreparedRequest("PUT", self.origin + path, headers, body, False)
         await asyncio.sleep(0)  # signing was one step; sending starts the next
