@@ -1,8 +1,9 @@
 """Settings for ``fastingest serve``: every option, its default, and its environment twin.
 
-One table (``OPTIONS``) drives the argument parser, the ``--help`` text and the
-environment lookup, so a flag and its variable can never drift apart. Command
-line beats environment beats default.
+Each option is defined once, as a ``Settings`` field: its default, flag,
+environment names, help and parser. ``OPTIONS``, read off those fields, drives the
+argument parser, the ``--help`` text and the environment lookup, so a flag and its
+variable can never drift apart. Command line beats environment beats default.
 """
 
 from __future__ import annotations
@@ -10,34 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-DEFAULT_LISTEN = "127.0.0.1:8000"
-DEFAULT_DATA_DIR = "fastingest-data"  # relative to the working directory
 # Set by the supervisor in each child: which of the --processes this one is.
 WORKER_INDEX_ENV = "FASTINGEST_WORKER_INDEX"
-DEFAULT_MAX_WORKERS = 16
-DEFAULT_MAX_QUEUE = 10_000  # queued requests (each holds one request's payloads)
-DEFAULT_MAX_QUEUE_BYTES = 32 * 1024 * 1024
-DEFAULT_BATCH_MAX_BYTES = 4 * 1024 * 1024  # uncompressed NDJSON per object
-DEFAULT_BATCH_MAX_PAYLOADS = 50_000
-DEFAULT_BATCH_MAX_AGE = 5.0  # seconds from a batch's first payload to its upload
-DEFAULT_MAX_BODY_BYTES = 1024 * 1024  # per request, also after decompression
-# Request bodies being received, over all connections of a process: with the intake's
-# 32 MiB and the batches, inside the 256 MiB a process is promised to stay under.
-DEFAULT_MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
-DEFAULT_SHUTDOWN_TIMEOUT = 30.0
-# As long as Kinesis Data Firehose retries: an outage over a night is delivered once the
-# store is back, with no one redriving; the spool's size, not this, usually runs out first.
-DEFAULT_DELIVERY_WINDOW = 24 * 3600.0
-DEFAULT_RETRY_BASE = 0.2  # seconds; doubled per attempt, with full jitter
-DEFAULT_RETRY_MAX = 30.0  # the longest wait between two tries of a failing sink
-DEFAULT_SPOOL_MAX_BYTES = 1024 * 1024 * 1024
-DEFAULT_IDEMPOTENCY_WINDOW = 600.0
-DEFAULT_KEEPALIVE_TIMEOUT = 75.0  # seconds an idle connection stays open (nginx's and aiohttp's)
-DEFAULT_REQUEST_TIMEOUT = 30.0  # seconds for a request's head and body to arrive
 HTTP_FRONTS = ("lean", "aiohttp")
 ACK_LEVELS = ("received", "durable", "uploaded")
 
@@ -86,6 +65,8 @@ def _listen(text: str) -> tuple[str, int]:
 
 @dataclass(frozen=True)
 class Option:
+    """How a setting is given: its flag, its environment names, its help and parser."""
+
     flag: str
     env: tuple[str, ...]  # first is the documented twin; later ones are aliases
     help: str
@@ -98,238 +79,261 @@ class Option:
         return self.flag.lstrip("-").replace("-", "_")
 
 
-OPTIONS: list[Option] = [
-    Option("--listen", ("FASTINGEST_LISTEN", "LISTEN"), "address to serve on, HOST:PORT", _listen),
-    Option(
+def option(
+    default: Any,
+    flag: str,
+    env: tuple[str, ...],
+    help: str,
+    type: Callable[[str], Any] = str,
+    choices: Sequence[str] | None = None,
+    repeat: bool = False,
+) -> Any:
+    """A Settings field that is also an option: its default and how it is given, in one place."""
+    spec = Option(flag, env, help, type, choices, repeat)
+    return field(default=default, metadata={"option": spec})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings: each field with its default, its flag and its environment twin
+    (command line beats environment beats default)."""
+
+    listen: tuple[str, int] = option(
+        _listen("127.0.0.1:8000"),
+        "--listen",
+        ("FASTINGEST_LISTEN", "LISTEN"),
+        "address to serve on, HOST:PORT",
+        _listen,
+    )
+    processes: int | None = option(
+        None,
         "--processes",
         ("FASTINGEST_PROCESSES",),
         "server processes sharing the port (SO_REUSEPORT), each with its own queue and spool "
         "(default: the number of CPUs this process may use)",
         _positive(int),
-    ),
-    Option(
+    )
+    http: str = option(
+        "lean",
         "--http",
         ("FASTINGEST_HTTP",),
         "HTTP front end: lean (HTTP/1.1 on the llhttp parser, fastest) or aiohttp; "
         "both answer the same",
         str,
         HTTP_FRONTS,
-    ),
-    Option(
+    )
+    # nginx's and aiohttp's
+    keepalive_timeout: float = option(
+        75.0,
         "--keepalive-timeout",
         ("FASTINGEST_KEEPALIVE_TIMEOUT",),
         "seconds an idle keep-alive connection stays open",
         _positive(float),
-    ),
-    Option(
+    )
+    request_timeout: float = option(
+        30.0,
         "--request-timeout",
         ("FASTINGEST_REQUEST_TIMEOUT",),
         "seconds a request's head and body may take to arrive before 408 (lean front end)",
         _positive(float),
-    ),
-    Option(
+    )
+    sink: str | None = option(
+        None,
         "--sink",
         ("FASTINGEST_SINK",),
         "where objects land: file:///dir or s3://bucket/prefix "
         "(default: file://<data-dir>/objects)",
-    ),
-    Option(
+    )
+    ack: str = option(
+        "durable",
         "--ack",
         ("FASTINGEST_ACK",),
         "when to answer: payloads in memory (received), fsynced to the spool (durable), "
         "or stored in the sink (uploaded); a request may ask with X-Fastingest-Ack",
         str,
         ACK_LEVELS,
-    ),
-    Option(
+    )
+    spool_dir: Path | None = option(
+        None,
         "--spool-dir",
         ("FASTINGEST_SPOOL_DIR",),
         "the on-disk spool (default: <data-dir>/spool), one subdirectory per process",
         Path,
-    ),
-    Option(
+    )
+    spool_max_bytes: int = option(
+        1024 * 1024 * 1024,
         "--spool-max-bytes",
         ("FASTINGEST_SPOOL_MAX_BYTES",),
         "spool size before answering 503 (K/M/G suffixes)",
         _positive(_size),
-    ),
-    Option(
+    )
+    idempotency_window: float = option(
+        600.0,
         "--idempotency-window",
         ("FASTINGEST_IDEMPOTENCY_WINDOW",),
         "seconds a request's Idempotency-Key is remembered",
         _positive(float),
-    ),
-    Option(
+    )
+    # relative to the working directory
+    data_dir: Path = option(
+        Path("fastingest-data"),
         "--data-dir",
         ("FASTINGEST_DATA_DIR",),
         "local state: default sink, spool and dead-letter directory",
         Path,
-    ),
-    Option(
+    )
+    dead_letter_dir: Path | None = option(
+        None,
         "--dead-letter-dir",
         ("FASTINGEST_DEAD_LETTER_DIR",),
         "objects that could not be uploaded (default: <data-dir>/dead-letter)",
         Path,
-    ),
-    Option(
+    )
+    mode: str = option(
+        "batch",
         "--mode",
         ("FASTINGEST_MODE",),
         "one object per batch or per payload",
         str,
         ("batch", "per-payload"),
-    ),
-    Option(
+    )
+    max_workers: int = option(
+        16,
         "--max-workers",
         ("FASTINGEST_MAX_WORKERS", "MAX_WORKERS"),
         "concurrent uploads",
         _positive(int),
-    ),
-    Option(
+    )
+    # queued requests (each holds one request's payloads)
+    max_queue: int = option(
+        10_000,
         "--max-queue",
         ("FASTINGEST_MAX_QUEUE", "MAX_QUEUE"),
         "requests held in memory before answering 503",
         _positive(int),
-    ),
-    Option(
+    )
+    max_queue_bytes: int = option(
+        32 * 1024 * 1024,
         "--max-queue-bytes",
         ("FASTINGEST_MAX_QUEUE_BYTES",),
         "payload bytes held in memory before answering 503 (K/M/G suffixes)",
         _positive(_size),
-    ),
-    Option(
+    )
+    batch_max_bytes: int = option(
+        4 * 1024 * 1024,
         "--batch-max-bytes",
         ("FASTINGEST_BATCH_MAX_BYTES",),
         "close a batch at this many uncompressed bytes",
         _positive(_size),
-    ),
-    Option(
+    )
+    batch_max_payloads: int = option(
+        50_000,
         "--batch-max-payloads",
         ("FASTINGEST_BATCH_MAX_PAYLOADS",),
         "close a batch at this many payloads",
         _positive(int),
-    ),
-    Option(
+    )
+    batch_max_age: float = option(
+        5.0,
         "--batch-max-age",
         ("FASTINGEST_BATCH_MAX_AGE",),
         "close a batch this many seconds after its first payload",
         _positive(float),
-    ),
-    Option(
+    )
+    compression: str = option(
+        "zstd",
         "--compression",
         ("FASTINGEST_COMPRESSION",),
         "compression of batch objects",
         str,
         ("zstd", "gzip", "none"),
-    ),
-    Option(
+    )
+    max_body_bytes: int = option(
+        1024 * 1024,
         "--max-body-bytes",
         ("FASTINGEST_MAX_BODY_BYTES",),
         "largest request body, also after decompression; larger gets 413",
         _positive(_size),
-    ),
-    Option(
+    )
+    # Request bodies being received, over all connections of a process: with the intake's
+    # 32 MiB and the batches, inside the 256 MiB a process is promised to stay under.
+    max_inflight_bytes: int = option(
+        64 * 1024 * 1024,
         "--max-inflight-bytes",
         ("FASTINGEST_MAX_INFLIGHT_BYTES",),
         "request body bytes being received at once, over all connections; a request that "
         "would pass it gets 503 (K/M/G suffixes)",
         _positive(_size),
-    ),
-    Option(
+    )
+    auth_token: tuple[str, ...] = option(
+        (),
         "--auth-token",
         ("FASTINGEST_AUTH_TOKENS",),
         "accepted bearer token; repeat for several (env: comma-separated)",
         repeat=True,
-    ),
-    Option(
+    )
+    auth_token_file: Path | None = option(
+        None,
         "--auth-token-file",
         ("FASTINGEST_AUTH_TOKEN_FILE",),
         "file with one accepted token per line",
         Path,
-    ),
-    Option(
+    )
+    shutdown_timeout: float = option(
+        30.0,
         "--shutdown-timeout",
         ("FASTINGEST_SHUTDOWN_TIMEOUT",),
         "seconds to drain and upload on SIGTERM before dead-lettering the rest",
         _positive(float),
-    ),
-    Option(
+    )
+    drain_delay: float = option(
+        0.0,
         "--drain-delay",
         ("FASTINGEST_DRAIN_DELAY",),
         "seconds to keep serving after SIGTERM with /readyz failing, so a load balancer "
         "can stop sending traffic first (0 with a Kubernetes preStop hook)",
         float,
-    ),
-    Option(
+    )
+    # As long as Kinesis Data Firehose retries: an outage over a night is delivered once the
+    # store is back, with no one redriving; the spool's size, not this, usually runs out first.
+    delivery_window: float = option(
+        24 * 3600.0,
         "--delivery-window",
         ("FASTINGEST_DELIVERY_WINDOW",),
         "how long an object is retried while the sink fails (from its first payload's "
         "arrival; s/m/h/d suffixes) before it goes to the dead-letter directory",
         _positive(_duration),
-    ),
-    Option(
+    )
+    retry_base_delay: float = option(
+        0.2,
         "--retry-base-delay",
         ("FASTINGEST_RETRY_BASE_DELAY",),
         "first retry waits up to this many seconds; doubles per attempt (full jitter)",
         _positive(float),
-    ),
-    Option(
+    )
+    retry_max_delay: float = option(
+        30.0,
         "--retry-max-delay",
         ("FASTINGEST_RETRY_MAX_DELAY",),
         "longest wait between two tries of a failing sink, in seconds",
         _positive(float),
-    ),
-    Option(
+    )
+    log_format: str = option(
+        "auto",
         "--log-format",
         ("FASTINGEST_LOG_FORMAT",),
         "one line per event: json, text, or auto (text on a terminal, json otherwise)",
         str,
         ("auto", "json", "text"),
-    ),
-    Option(
+    )
+    log_level: str = option(
+        "INFO",
         "--log-level",
         ("FASTINGEST_LOG_LEVEL",),
         "logging level",
         str.upper,
         ("DEBUG", "INFO", "WARNING", "ERROR"),
-    ),
-]
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Resolved settings; see ``OPTIONS`` for what each one means."""
-
-    listen: tuple[str, int] = _listen(DEFAULT_LISTEN)
-    processes: int | None = None  # None: one per CPU
-    http: str = "lean"
-    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
-    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
-    sink: str | None = None
-    ack: str = "durable"
-    spool_dir: Path | None = None
-    spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES
-    idempotency_window: float = DEFAULT_IDEMPOTENCY_WINDOW
-    data_dir: Path = Path(DEFAULT_DATA_DIR)
-    dead_letter_dir: Path | None = None
-    mode: str = "batch"
-    max_workers: int = DEFAULT_MAX_WORKERS
-    max_queue: int = DEFAULT_MAX_QUEUE
-    max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES
-    batch_max_bytes: int = DEFAULT_BATCH_MAX_BYTES
-    batch_max_payloads: int = DEFAULT_BATCH_MAX_PAYLOADS
-    batch_max_age: float = DEFAULT_BATCH_MAX_AGE
-    compression: str = "zstd"
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
-    auth_token: tuple[str, ...] = ()
-    auth_token_file: Path | None = None
-    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
-    drain_delay: float = 0.0
-    delivery_window: float = DEFAULT_DELIVERY_WINDOW
-    log_format: str = "auto"
-    log_level: str = "INFO"
-    retry_base_delay: float = DEFAULT_RETRY_BASE
-    retry_max_delay: float = DEFAULT_RETRY_MAX
+    )
     worker_index: int | None = None  # set by the supervisor in each of its children
 
     @property
@@ -376,10 +380,14 @@ class Settings:
         return found
 
 
+# In --help order.
+OPTIONS: list[Option] = [f.metadata["option"] for f in fields(Settings) if "option" in f.metadata]
+
+
 def _shown_default(opt: Option) -> str:
-    if opt.dest == "listen":
-        return f"default: {DEFAULT_LISTEN}; "
     value = {f.name: f.default for f in fields(Settings)}[opt.dest]
+    if isinstance(value, tuple) and opt.dest == "listen":
+        return f"default: {value[0]}:{value[1]}; "
     if value is None:  # the help text says what the default is derived from
         return ""
     return f"default: {value or 'none'}; "
