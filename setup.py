@@ -2,7 +2,7 @@
 
 FASTINGEST_NO_EXTENSIONS=1 at build time skips the compiler and ships only the
 pure-Python twins (``fastingest._queue_py``, ``fastingest._split_py``) and runs
-``fastingest/_protocol.py`` as Python.
+``fastingest/_lean.py`` as Python.
 """
 
 import os
@@ -26,10 +26,10 @@ if os.environ.get("FASTINGEST_NO_EXTENSIONS", "") in ("", "0"):
                 ["src/fastingest/_split.pyx"],
                 extra_compile_args=["-O2"],
             ),
-            # Plain Python typed by _protocol.pxd: the file also runs uncompiled.
+            # Plain Python typed by _lean.pxd: the file also runs uncompiled.
             Extension(
-                "fastingest._protocol",
-                ["src/fastingest/_protocol.py"],
+                "fastingest._lean",
+                ["src/fastingest/_lean.py"],
                 extra_compile_args=["-O2"],
             ),
         ],

@@ -1,4 +1,4 @@
-"""The lean front end in-process: compiled ``_protocol`` against its Python source, side by side.
+"""The lean front end in-process: compiled ``_lean`` against its Python source, side by side.
 
     python -m bench.front_bench [--n 1 10] [--rounds 1500] [--reps 7] [--cpu 1]
 
@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 
 from bench import parse_args, write_results
-from fastingest import protocol
+from fastingest import lean
 from fastingest.config import Settings
 from fastingest.endpoints import Endpoints, _accepted
 from fastingest.pipeline import Pipeline
@@ -143,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, nargs="+", default=[1, 10], help="payloads per request")
     ap.add_argument("--rounds", type=int, default=1500, help="rounds of 64 requests per run")
     args = parse_args(ap, argv, reps=7)
-    if not protocol.COMPILED:
-        sys.exit("fastingest._protocol is not compiled here: pip install . first")
-    builds = {"compiled": protocol.impl, "python": protocol._source()}
+    if not lean.COMPILED:
+        sys.exit("fastingest._lean is not compiled here: pip install . first")
+    builds = {"compiled": lean.impl, "python": lean._source()}
     cases = [(case, n) for case in ("front", "ingest") for n in args.n]
     samples: dict[tuple[str, int, str], list[float]] = {
         (c, n, b): [] for c, n in cases for b in builds

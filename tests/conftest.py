@@ -30,14 +30,13 @@ if _queue_c is not None:
 
 def pytest_configure(config: pytest.Config) -> None:
     # CI must test the compiled core; a silent fallback to the twin would hide a broken build.
-    from fastingest import protocol
+    from fastingest import lean
 
     if os.environ.get("FASTINGEST_REQUIRE_EXTENSIONS") == "1" and (
-        _queue_c is None or not protocol.COMPILED
+        _queue_c is None or not lean.COMPILED
     ):
         raise pytest.UsageError(
-            "FASTINGEST_REQUIRE_EXTENSIONS=1 but fastingest._queue, _split or _protocol "
-            "is not built"
+            "FASTINGEST_REQUIRE_EXTENSIONS=1 but fastingest._queue, _split or _lean is not built"
         )
 
 
@@ -47,7 +46,7 @@ def front(request: pytest.FixtureRequest) -> str:
     Python, aiohttp (pass it on as ``Server(..., front=front)``); the others run on lean.
 
     ``lean-py`` is the lean front end with ``FASTINGEST_NO_EXTENSIONS=1``: its
-    ``_protocol.py`` run as Python, with the queue's and the splitter's twins.
+    ``_lean.py`` run as Python, with the queue's and the splitter's twins.
     """
     return str(request.param)
 

@@ -25,21 +25,21 @@ def test_selector_uses_the_compiled_core_when_built():
         import fastingest._queue as compiled
     except ImportError:
         pytest.skip("extension not built (pure-Python install)")
-    from fastingest import _protocol as protocol_c
+    from fastingest import _lean as lean_c
     from fastingest import _split as split_c
-    from fastingest import protocol, split
+    from fastingest import lean, split
 
     assert fastingest.USE_EXTENSIONS
     assert fastingest.RingQueue is compiled.RingQueue
     assert split.split_payloads is split_c.split_payloads
-    assert protocol.COMPILED and protocol.LeanFront is protocol_c.LeanFront
-    for module in (compiled, split_c, protocol_c):
+    assert lean.COMPILED and lean.LeanFront is lean_c.LeanFront
+    for module in (compiled, split_c, lean_c):
         assert module.__file__.endswith((".so", ".pyd"))
 
 
 def test_no_extensions_env_selects_the_twins():
     code = (
-        "import fastingest, fastingest.split as s, fastingest.protocol as p; "
+        "import fastingest, fastingest.split as s, fastingest.lean as p; "
         "print(fastingest.RingQueue.__module__, s.split_payloads.__module__, "
         "p.LeanFront.__module__, p.COMPILED, fastingest.USE_EXTENSIONS)"
     )
@@ -48,7 +48,7 @@ def test_no_extensions_env_selects_the_twins():
     twins = [
         "fastingest._queue_py",
         "fastingest._split_py",
-        "fastingest._protocol_py",  # _protocol.py run as Python, though a build is installed
+        "fastingest._lean_py",  # _lean.py run as Python, though a build is installed
         "False",
         "False",
     ]
@@ -71,7 +71,7 @@ def test_wheel_installs_into_a_fresh_venv_with_the_compiled_module(tmp_path):
             "*.so",
             "_queue.c",
             "_split.c",
-            "_protocol.c",
+            "_lean.c",
             "__pycache__",
             ".hypothesis",
             ".pytest_cache",
@@ -101,9 +101,9 @@ def test_wheel_installs_into_a_fresh_venv_with_the_compiled_module(tmp_path):
     for core in ("_queue", "_split"):
         assert any(n.startswith(f"fastingest/{core}.") and n.endswith(".so") for n in names), names
         assert f"fastingest/{core}.pyi" in names
-    # _protocol is compiled from Python source, which ships too: the no-extensions switch runs it.
-    assert any(n.startswith("fastingest/_protocol.") and n.endswith(".so") for n in names), names
-    assert "fastingest/_protocol.py" in names
+    # _lean is compiled from Python source, which ships too: the no-extensions switch runs it.
+    assert any(n.startswith("fastingest/_lean.") and n.endswith(".so") for n in names), names
+    assert "fastingest/_lean.py" in names
     assert "fastingest/py.typed" in names
 
     env_dir = tmp_path / "venv"

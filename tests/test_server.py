@@ -358,12 +358,12 @@ def test_health_and_readiness(tmp_path, s3, bucket, s3_env, front):
 
 def test_the_front_end_runs_the_build_it_says(tmp_path, front):
     """The `lean-py` runs are the Python source; `lean` is compiled wherever it was built."""
-    from fastingest import protocol
+    from fastingest import lean
 
     server = Server(cwd=tmp_path, front=front)
     assert server.stop() == 0
     expected = {
-        "lean": "lean (compiled)" if protocol.COMPILED else "lean (python)",
+        "lean": "lean (compiled)" if lean.COMPILED else "lean (python)",
         "lean-py": "lean (python)",
         "aiohttp": "http aiohttp",
     }[front]

@@ -1,7 +1,7 @@
 """One switch for the compiled extensions, read by the selectors of each twin pair.
 
 ``FASTINGEST_NO_EXTENSIONS=1`` selects the pure-Python twins (``_queue_py``,
-``_split_py``, ``_protocol.py`` as source); so does a build without a compiler, which
+``_split_py``, ``_lean.py`` as source); so does a build without a compiler, which
 leaves no ``_queue`` extension behind.
 """
 

@@ -1,6 +1,6 @@
 """What each endpoint answers, whichever HTTP layer carried the request.
 
-Both front ends (``_protocol.py`` on llhttp, ``webapp.py`` on aiohttp) route here,
+Both front ends (``_lean.py`` on llhttp, ``aiohttp_front.py`` on aiohttp) route here,
 so a request gets the same answer, byte for byte, from either. Headers arrive as a
 mapping looked up by lower-case name; bodies arrive whole.
 

@@ -1,7 +1,7 @@
 """Run one server process: sink, pipeline, a front end, signals, and the drain.
 
-The front end is ``protocol.LeanFront`` (HTTP/1.1 on llhttp, the default) or
-``webapp.WebFront`` (aiohttp, ``--http aiohttp``); both answer from
+The front end is ``lean.LeanFront`` (HTTP/1.1 on llhttp, the default) or
+``aiohttp_front.AiohttpFront`` (aiohttp, ``--http aiohttp``); both answer from
 ``endpoints.Endpoints``, so the choice changes speed, not behaviour.
 """
 
@@ -14,12 +14,12 @@ import logging
 import signal
 
 from fastingest import metrics
+from fastingest.aiohttp_front import AiohttpFront
 from fastingest.config import Settings
 from fastingest.endpoints import Endpoints
+from fastingest.lean import COMPILED, LeanFront
 from fastingest.pipeline import Pipeline
-from fastingest.protocol import COMPILED, LeanFront
 from fastingest.sinks import Sink, open_sink
-from fastingest.webapp import WebFront
 
 log = logging.getLogger("fastingest.server")
 
@@ -27,10 +27,10 @@ GAUGE_REFRESH_SECONDS = 1.0
 MAX_GRACE_SECONDS = 5.0  # in-flight requests' time to finish at shutdown, before the drain
 
 
-def make_front(settings: Settings, endpoints: Endpoints) -> LeanFront | WebFront:
+def make_front(settings: Settings, endpoints: Endpoints) -> LeanFront | AiohttpFront:
     grace = min(MAX_GRACE_SECONDS, settings.shutdown_timeout / 2)
     if settings.http == "aiohttp":
-        return WebFront(
+        return AiohttpFront(
             endpoints,
             keepalive_timeout=settings.keepalive_timeout,
             write_timeout=settings.request_timeout,

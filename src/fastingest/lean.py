@@ -1,6 +1,6 @@
-"""Selects the lean front end: ``_protocol.py`` compiled with Cython, or the same file as Python.
+"""Selects the lean front end: ``_lean.py`` compiled with Cython, or the same file as Python.
 
-``_protocol.pxd`` types the compiled build's classes; the source is one file either way.
+``_lean.pxd`` types the compiled build's classes; the source is one file either way.
 The switch is ``compat.USE_EXTENSIONS``: ``FASTINGEST_NO_EXTENSIONS=1`` runs the source
 even where a compiled build is installed, which is how the tests run both.
 """
@@ -17,10 +17,10 @@ from fastingest.compat import USE_EXTENSIONS
 
 
 def _source() -> ModuleType:
-    """``_protocol.py`` itself, under its own name: the compiled module shadows the file."""
-    name = "fastingest._protocol_py"
+    """``_lean.py`` itself, under its own name: the compiled module shadows the file."""
+    name = "fastingest._lean_py"
     if name not in sys.modules:
-        source = Path(__file__).with_name("_protocol.py")
+        source = Path(__file__).with_name("_lean.py")
         spec = importlib.util.spec_from_file_location(name, source)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
@@ -30,7 +30,7 @@ def _source() -> ModuleType:
 
 
 if USE_EXTENSIONS:
-    from fastingest import _protocol as impl  # the source itself where nothing was compiled
+    from fastingest import _lean as impl  # the source itself where nothing was compiled
 else:
     impl = _source()
 

@@ -1,4 +1,4 @@
-# Compiles _protocol.py into typed extension classes (Cython "augmenting .pxd"): one
+# Compiles _lean.py into typed extension classes (Cython "augmenting .pxd"): one
 # source, run as plain Python when there is no compiler. The attributes are C fields and
 # the per-request calls between the two classes are C calls; the llhttp callbacks stay
 # Python methods because httptools calls them by name.

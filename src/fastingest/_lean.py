@@ -26,10 +26,10 @@ the body is read and dropped, so the connection stays usable; a body over the
 limit, or a refusal of an ``Expect: 100-continue``, is answered at once and the
 connection closed.
 
-This file is compiled by Cython when the package is built: ``_protocol.pxd`` declares
+This file is compiled by Cython when the package is built: ``_lean.pxd`` declares
 the three classes as extension types with C fields, which takes an eighth to a
 quarter off the front end's own time per request (bench/README.md). Without a compiler, or with
-``FASTINGEST_NO_EXTENSIONS=1``, it runs as Python; ``protocol.py`` picks. Attributes
+``FASTINGEST_NO_EXTENSIONS=1``, it runs as Python; ``lean.py`` picks. Attributes
 therefore have to be declared in the ``.pxd`` as well.
 """
 
@@ -63,7 +63,7 @@ from fastingest.endpoints import (
 )
 from fastingest.errors import Refusal
 
-log = logging.getLogger("fastingest.protocol")
+log = logging.getLogger("fastingest.lean")
 
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
 MAX_HEADERS = 100

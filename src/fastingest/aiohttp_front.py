@@ -1,8 +1,8 @@
 """The aiohttp front end (``--http aiohttp``): the same endpoints on aiohttp's web layer.
 
-Slower per request than ``_protocol.py`` (see bench/README.md), and the reference
-the lean front end is tested against: every server test runs on both (the lean one
-compiled and as Python).
+Slower per request than the lean front end (``_lean.py``, see bench/README.md), and the
+reference it is tested against: the HTTP, hostile-client and endpoint tests run on both
+(the lean one compiled and as Python).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from fastingest.endpoints import (
 )
 from fastingest.errors import Refusal
 
-log = logging.getLogger("fastingest.webapp")
+log = logging.getLogger("fastingest.aiohttp_front")
 
 
 class _BadRequests(logging.Filter):
@@ -262,8 +262,8 @@ class _Runner(web.AppRunner):
         return server
 
 
-class WebFront:
-    """aiohttp's runner and site behind the interface of ``protocol.LeanFront``."""
+class AiohttpFront:
+    """aiohttp's runner and site behind the interface of ``lean.LeanFront``."""
 
     def __init__(
         self, endpoints: Endpoints, *, keepalive_timeout: float, write_timeout: float, grace: float
