@@ -363,10 +363,11 @@ def test_a_client_that_never_reads_is_bounded_then_closed(tmp_path, front):
         time.sleep(1)
         held = http_fuzz.rss_bytes(server.proc.pid) - before
         assert healthz_seconds(server.port) < 1.0
-        # Never read: once its answers have not been taken for the request timeout (2 s),
-        # the server lets go of the connection. Seen from the server's side, as the kernel
-        # lists its sockets: this client's data, stuck behind a shut window, would hide a
-        # reset from the client itself.
+        # Never read: within a few seconds of the request timeout (2 s) the server lets go
+        # of the connection, whether its answers stalled (the write timeout) or a request
+        # was cut short by the paused read (408). Seen from the server's side, as the
+        # kernel lists its sockets: this client's data, stuck behind a shut window, would
+        # hide a reset from the client itself.
         client = s.getsockname()[1]
         closed_by = time.monotonic() + 20
         while _server_holds(server.port, client) and time.monotonic() < closed_by:

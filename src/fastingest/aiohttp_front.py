@@ -18,7 +18,6 @@ from aiohttp.web_protocol import RequestHandler
 from fastingest import metrics
 from fastingest.endpoints import (
     INGEST_PATH,
-    ROUTES,
     SINGLE_FIELDS,
     Answer,
     Endpoints,
@@ -164,12 +163,9 @@ async def expect(request: web.Request) -> web.StreamResponse | None:
 def make_app(endpoints: Endpoints) -> web.Application:
     app = web.Application(client_max_size=endpoints.max_body_bytes, middlewares=[observe])
     app[ENDPOINTS] = endpoints
-    for path, methods in ROUTES.items():
-        if path == INGEST_PATH:
-            app.router.add_post(path, ingest, expect_handler=expect)
-        else:
-            assert methods == ("GET", "HEAD")  # add_get serves HEAD too
-            app.router.add_get(path, _page(endpoints.pages[path]), expect_handler=expect)
+    app.router.add_post(INGEST_PATH, ingest, expect_handler=expect)
+    for path, page in endpoints.pages.items():  # GET, and HEAD with it, as ROUTES says
+        app.router.add_get(path, _page(page), expect_handler=expect)
     return app
 
 
