@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -101,6 +102,8 @@ def test_metrics_sum_over_worker_processes(tmp_path):
     assert server.stop() == 0
     served = [line for line in server.log if "stopped: accepted" in line]
     assert len(served) == 2 and all("accepted 0 " not in line for line in served)
+    # Each worker's JSON log lines say which worker it is.
+    assert sorted(json.loads(line)["worker"] for line in served) == [0, 1]
 
 
 def test_json_logs_never_carry_payloads_or_tokens(tmp_path, front):

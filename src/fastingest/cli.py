@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     settings = resolve(args)
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, settings.worker_index)
     try:
         check_sink_url(settings.sink_url)
     except ValueError as exc:

@@ -6,23 +6,19 @@ Never log a payload's content or a token: messages carry keys, counts and errors
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 
 import orjson
-
-from fastingest.config import WORKER_INDEX_ENV
 
 # Attributes every LogRecord has; anything else on a record is an extra field worth keeping.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
 class JsonFormatter(logging.Formatter):
-    def __init__(self) -> None:
+    def __init__(self, worker: int | None = None) -> None:
         super().__init__()
-        worker = os.environ.get(WORKER_INDEX_ENV)
-        self.worker = None if worker is None else int(worker)
+        self.worker = worker  # which of the --processes logs, if one of several
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -43,13 +39,13 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure(level: str, fmt: str) -> None:
+def configure(level: str, fmt: str, worker: int | None = None) -> None:
     """`fmt`: json, text, or auto (text on a terminal, JSON otherwise)."""
     if fmt == "auto":
         fmt = "text" if sys.stderr.isatty() else "json"
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(worker))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
