@@ -15,7 +15,8 @@ from fastingest.deadletter import DeadLetter
 from fastingest.delivery import Completion, Delivery
 from fastingest.queue import RingQueue
 from fastingest.sinks.local import LocalSink
-from fastingest.spool import BATCH, DATA, Spool
+from fastingest.spool import Spool
+from fastingest.spool_records import BATCH, DATA
 
 
 class Rig:

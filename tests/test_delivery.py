@@ -12,7 +12,8 @@ from fastingest.deadletter import DeadLetter
 from fastingest.delivery import Completion, Delivery
 from fastingest.queue import RingQueue
 from fastingest.sinks.local import LocalSink
-from fastingest.spool import DATA, Marker, Spool
+from fastingest.spool import Spool
+from fastingest.spool_records import DATA, Marker
 
 CHUNK = b'{"a":1}\n'
 KEY = "dt=2026-01-01/hour=00/one.ndjson"
@@ -38,7 +39,7 @@ class Rig:
         """One chunk spooled and batched as the pipeline does: its bytes only on disk."""
         now = time.time()
         await self.spool.wait(self.spool.append(DATA, 0, now, CHUNK, 1))
-        await self.spool.wait(self.spool.append_marker(Marker(0, 0, KEY, now)))
+        await self.spool.wait(self.spool.append_marker(Marker(0, 0, KEY, "none", now)))
         upload = Upload.batch(
             KEY, range(1), "none", opened=now, last=now, raw_size=len(CHUNK), payloads=1
         )

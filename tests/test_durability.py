@@ -264,7 +264,8 @@ def test_spool_disk_full_answers_503_and_loses_nothing(tmp_path, s3, bucket, s3_
 
 
 def test_a_spool_left_by_more_processes_is_reported_then_replayed(tmp_path, s3, bucket, s3_env):
-    from fastingest.spool import DATA, Spool
+    from fastingest.spool import Spool
+    from fastingest.spool_records import DATA
 
     async def leave_behind() -> None:  # what worker 1 of a crashed 2-process run left
         spool = Spool(tmp_path / "fastingest-data" / "spool" / "1", 1 << 30)

@@ -220,19 +220,20 @@ def test_refused_requests_are_never_delivered_and_acknowledged_ones_survive_a_cr
 def test_a_newer_segment_waits_for_the_older_ones(tmp_path):
     """A batch spans two segments and its marker is in the newer: that one may not go first,
     or a crash would leave the batch's first chunks without their marker (and send them again)."""
-    from fastingest.spool import BATCH, DATA, Marker, Spool
+    from fastingest.spool import Spool
+    from fastingest.spool_records import BATCH, DATA, Marker
 
     async def main() -> None:
         spool = Spool(tmp_path, 1 << 30, segment_bytes=400)
         spool.open()
         for seq in range(5):
             await spool.wait(spool.append(DATA, seq, 0.0, b'{"a":%d,"pad":"xxxxxxxxxx"}\n' % seq))
-        y = Marker(0, 4, "y", 0.0)
-        await spool.wait(spool.append(BATCH, 0, 0.0, y.pack()))
+        y = Marker(0, 4, "y", "none", 0.0)
+        await spool.wait(spool.append_marker(y))
         for seq in range(5, 15):
             await spool.wait(spool.append(DATA, seq, 0.0, b'{"a":%d,"pad":"xxxxxxxxxx"}\n' % seq))
-        x = Marker(5, 14, "x", 0.0)
-        await spool.wait(spool.append(BATCH, 5, 0.0, x.pack()))
+        x = Marker(5, 14, "x", "none", 0.0)
+        await spool.wait(spool.append_marker(x))
         await spool.wait(spool.append(DATA, 15, 0.0, b"{}\n"))
         assert len(spool.segments) >= 3
         spool.stored(range(5, 15), marker=5)  # batch x stored; batch y not yet
@@ -404,7 +405,8 @@ def test_an_object_found_stored_on_replay_is_logged_and_counted(tmp_path):
     """A crash between an upload and the spool's bookkeeping: the replay finds the object
     under its key, says so, and counts it (the sink is not written twice)."""
     from fastingest.batching import EXTENSIONS, KeyMaker
-    from fastingest.spool import BATCH, DATA, Marker, Spool
+    from fastingest.spool import Spool
+    from fastingest.spool_records import DATA, Marker
 
     spool_dir = tmp_path / "fastingest-data" / "spool" / "0"
     objects = tmp_path / "fastingest-data" / "objects"
@@ -414,7 +416,7 @@ def test_an_object_found_stored_on_replay_is_logged_and_counted(tmp_path):
         spool.open()
         key = KeyMaker("", spool.id, spool.epoch).batch(1700000000.0, 0, 0, EXTENSIONS["zstd"])
         spool.append(DATA, 0, 1700000000.0, b'{"id":"once"}\n', 1)
-        ticket = spool.append(BATCH, 0, 1700000000.0, Marker(0, 0, key, 1700000000.0).pack())
+        ticket = spool.append_marker(Marker(0, 0, key, "zstd", 1700000000.0))
         await spool.wait(ticket)
         os.close(spool._file)
         os.close(spool._lock_fd)

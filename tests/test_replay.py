@@ -10,7 +10,8 @@ from fastingest.batching import KeyMaker
 from fastingest.config import Settings
 from fastingest.pipeline import Pipeline
 from fastingest.sinks.local import LocalSink
-from fastingest.spool import DATA, Marker, Spool
+from fastingest.spool import Spool
+from fastingest.spool_records import DATA, Marker
 from support import landed_dir, unpack
 
 T0 = 1_700_000_000.0
@@ -57,12 +58,12 @@ def test_a_recorded_batch_lands_under_its_key_and_the_rest_is_batched(tmp_path):
     settings = Settings(data_dir=tmp_path, batch_max_payloads=2)
     chunks = {seq: b'{"n":%d}\n' % seq for seq in range(6)}
     # Chunks 0-2 were batched (perhaps uploaded); 3-5 were still in the intake.
-    recorded = Marker(0, 2, "dt=2023-11-14/hour=22/recorded-0-2.ndjson.gz", T0)
+    recorded = Marker(0, 2, "dt=2023-11-14/hour=22/recorded-0-2.ndjson.gz", "gzip", T0)
     left_behind(settings, chunks, [recorded])
     restart(settings)
     landed = objects(settings)
     assert landed[recorded.key] == chunks[0] + chunks[1] + chunks[2]
-    gzip_magic = b"\x1f\x8b"  # as its key says, though the configured compression is zstd
+    gzip_magic = b"\x1f\x8b"  # as its marker says, though the configured compression is zstd
     assert (settings.data_dir / "objects" / recorded.key).read_bytes()[:2] == gzip_magic
     rest = {k: v for k, v in landed.items() if k != recorded.key}
     # Batched where they lie, two payloads at most, with the compression now configured.
@@ -76,7 +77,7 @@ def test_a_batch_whose_chunks_are_gone_was_stored_and_is_not_sent_again(tmp_path
     settings = Settings(data_dir=tmp_path)
     # Chunks 0-2 and their segment were freed once their batch was stored; its marker
     # sits in a later segment with chunk 3, which no batch holds yet.
-    stored = Marker(0, 2, "dt=2023-11-14/hour=22/stored-0-2.ndjson.zst", T0)
+    stored = Marker(0, 2, "dt=2023-11-14/hour=22/stored-0-2.ndjson.zst", "zstd", T0)
     left_behind(settings, {3: b'{"n":3}\n'}, [stored])
     restart(settings)
     landed = objects(settings)

@@ -9,7 +9,8 @@ import zlib
 
 import pytest
 
-from fastingest.spool import BATCH, DATA, LAST_SEQ, Spool, SpoolError, _new_segment, frame
+from fastingest.spool import Spool, SpoolError, _new_segment
+from fastingest.spool_records import BATCH, DATA, Marker, frame
 
 
 def run(coro):
@@ -24,6 +25,9 @@ async def fill(spool: Spool, chunks: list[bytes], start: int = 0) -> int:
     return ticket
 
 
+MARKER = Marker(0, 9, "dt=x/key-0-9.ndjson.zst", "zstd", 1700000000.0, frozenset({3}))
+
+
 def test_records_survive_a_restart_in_order(tmp_path):
     chunks = [b'{"n":%d}\n' % i for i in range(100)]
 
@@ -31,8 +35,7 @@ def test_records_survive_a_restart_in_order(tmp_path):
         spool = Spool(tmp_path, 1 << 30)
         assert spool.open() == []
         await fill(spool, chunks)
-        marker = LAST_SEQ.pack(9) + b"dt=x/key-0-9.ndjson.gz"
-        await spool.wait(spool.append(BATCH, 0, 1700000000.0, marker))
+        await spool.wait(spool.append_marker(MARKER))
         await spool.close()
         return spool.id, spool.epoch
 
@@ -46,7 +49,7 @@ def test_records_survive_a_restart_in_order(tmp_path):
         assert [r.body for r in data] == chunks and [r.seq for r in data] == list(range(100))
         assert all(r.epoch == epoch for r in records)
         (mark,) = [r for r in records if r.kind == BATCH]
-        assert mark.seq == 0 and (mark.batch.last, mark.batch.key) == (9, "dt=x/key-0-9.ndjson.gz")
+        assert mark.batch == MARKER  # its compression and left-out chunks included
         await spool.close()
 
     run(second())
@@ -238,8 +241,7 @@ def test_a_marker_keeps_its_segment_until_the_batch_is_stored(tmp_path):
         spool = Spool(tmp_path, 1 << 30, segment_bytes=200)
         spool.open()
         await fill(spool, [b'{"a":1}\n'] * 5)
-        marker = LAST_SEQ.pack(4) + b"k"
-        await spool.wait(spool.append(BATCH, 0, 0.0, marker))
+        await spool.wait(spool.append_marker(Marker(0, 4, "k", "none", 0.0)))
         await fill(spool, [b'{"b":2}\n'] * 8, start=5)  # rolls past the marker's segment
         spool.stored(range(0, 5))  # data stored, marker not yet
         first = tmp_path / "seg-00000001-000001.log"  # holds the marker
@@ -309,6 +311,17 @@ def test_damaged_tail_is_quarantined_and_the_rest_replays(tmp_path, damage):
     (bad,) = (tmp_path / "quarantine").glob("*.bad")
     assert bad.read_bytes() == bytes(data[good:])
     assert seg.stat().st_size == good
+    run(spool.close())
+
+
+def test_a_segment_in_another_format_is_quarantined_whole_and_named(tmp_path, caplog):
+    old = tmp_path / "seg-00000001-000001.log"
+    old.write_bytes(b"FISPOOL1" + b"\x01\x00\x00\x00" + b"records of that format")
+    spool = Spool(tmp_path, 1 << 30)
+    assert spool.open() == [] and spool.damaged == 1
+    assert "a segment in another format (FISPOOL1)" in caplog.text
+    (bad,) = (tmp_path / "quarantine").glob("*.bad")
+    assert bad.read_bytes().startswith(b"FISPOOL1")
     run(spool.close())
 
 

@@ -23,7 +23,8 @@ from fastingest.config import Settings
 from fastingest.delivery import Completion, Delivery
 from fastingest.errors import QueueClosed, QueueFull
 from fastingest.queue import RingQueue
-from fastingest.spool import Marker, Spool
+from fastingest.spool import Spool
+from fastingest.spool_records import Marker
 
 DRAIN_CHUNKS = 1024  # chunks the batcher takes from the intake per round
 
@@ -176,8 +177,9 @@ class Batcher:
             upload.unload()  # its body holds them: it is read back from the spool instead
             if len(upload.excluded) == len(upload.seqs):
                 return False
+        seqs = upload.seqs
         marker = Marker(
-            upload.seqs.start, upload.seqs.stop - 1, upload.key, upload.first, upload.excluded
+            seqs.start, seqs.stop - 1, upload.key, upload.compression, upload.first, upload.excluded
         )
         await spool.wait(spool.append_marker(marker), refuses=False)
         return True

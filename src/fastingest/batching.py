@@ -32,11 +32,6 @@ log = logging.getLogger("fastingest.batching")
 EXTENSIONS = {"gzip": ".ndjson.gz", "zstd": ".ndjson.zst", "none": ".ndjson"}
 
 
-def compression_of(key: str) -> str:
-    """A batch object's compression, from its key's extension."""
-    return next((c for c, ext in EXTENSIONS.items() if key.endswith(ext)), "none")
-
-
 CONTENT_TYPES = {
     "gzip": "application/gzip",
     "zstd": "application/zstd",

@@ -37,7 +37,8 @@ from fastingest.pool import WorkerPool
 from fastingest.queue import RingQueue
 from fastingest.replay import replay
 from fastingest.sinks import Sink
-from fastingest.spool import BATCH, DATA, Spool, SpoolError
+from fastingest.spool import Spool, SpoolError
+from fastingest.spool_records import BATCH, DATA
 
 log = logging.getLogger("fastingest.pipeline")
 

@@ -15,8 +15,8 @@ import logging
 
 from fastingest import metrics
 from fastingest.batcher import Batcher
-from fastingest.batching import EXTENSIONS, Upload, compression_of, per_payload
-from fastingest.spool import BATCH, DATA, Marker, Record
+from fastingest.batching import EXTENSIONS, Upload, per_payload
+from fastingest.spool_records import BATCH, DATA, Marker, Record
 
 log = logging.getLogger("fastingest.replay")
 
@@ -65,7 +65,7 @@ def _recorded(marker: Marker, data: dict[int, Record], lowest: int) -> Upload | 
     return Upload.batch(
         marker.key,
         range(marker.first, marker.last + 1),
-        compression_of(marker.key),
+        marker.compression,
         opened=marker.opened,
         last=max(c.time for c in chunks),
         raw_size=sum(len(c.body) for c in chunks),

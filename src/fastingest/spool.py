@@ -14,13 +14,11 @@ only a graceful stop. They are still written within a flush or so of their
 answer, so they survive ``kill -9`` (the page cache outlives the process), and
 the next fsync of their segment makes them durable too.
 
-Record: ``<u32 body length><u32 crc32 of the rest><u8 kind><u64 seq><f64 time><body>``.
-``DATA`` records hold one request's NDJSON chunk under its sequence number.
-``BATCH`` records are written (and fsynced) when a batch closes, before its
-upload: ``seq`` is its first chunk, the body its last chunk, its object key and
-the chunks inside its range that it leaves out (see ``Marker``). So after a
-crash, replay rebuilds exactly the objects that may already have been uploaded,
-under the same keys, and a conditional PUT turns the repeat into a no-op.
+A request's chunk is a ``DATA`` record; a closing batch's ``BATCH`` marker is
+written (and fsynced) before its upload, so after a crash replay rebuilds exactly
+the objects that may already have been uploaded, under the same keys, and a
+conditional PUT turns the repeat into a no-op. The file format is in
+``spool_records``; which segment holds what, and what is stored, in ``spool_ledger``.
 
 A failed write answers the records someone waits on (``durable`` requests) with
 SpoolError, and their chunks are listed in ``refused`` so that the pipeline
@@ -28,10 +26,8 @@ leaves them out; the records nobody waits on (``received`` requests, batch
 markers) were already answered or cannot be refused, so they are written again,
 in order, into a fresh segment once the disk takes writes again.
 
-Segments are deleted oldest first, each once every record in it is stored
-(uploaded or durably dead-lettered) and every older one is gone, so a chunk's
-segment can only be missing when the chunk and every batch holding it were
-stored. The active segment is rolled and freed as soon as it is fully stored.
+Segments are deleted oldest first once fully stored (see ``spool_ledger``); the
+active segment is rolled and freed as soon as it is fully stored.
 A torn or corrupt tail found at start is moved to ``quarantine/`` and reported;
 the process starts anyway.
 """
@@ -39,43 +35,38 @@ the process starts anyway.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import fcntl
 import functools
 import logging
-import mmap
 import os
 import queue
 import secrets
-import struct
 import threading
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from zlib_ng.zlib_ng import crc32  # zlib's CRC-32 with SIMD: 356 B in 109 ns, zlib's 371
-
 from fastingest import metrics
+from fastingest.spool_ledger import Ledger, Segment
+from fastingest.spool_records import (
+    BATCH,
+    DATA,
+    MAGIC,
+    SEGMENT_HEADER,
+    Marker,
+    Record,
+    head,
+    read_chunks,
+    read_segment,
+)
 
 log = logging.getLogger("fastingest.spool")
 
-MAGIC = b"FISPOOL1"
-SEGMENT_HEADER = struct.Struct("<8sI")  # magic, epoch
-_LENGTH_CRC = struct.Struct("<II")  # body length, crc32 of what follows
-_META = struct.Struct("<BQd")  # kind, seq, time
-RECORD = struct.Struct(_LENGTH_CRC.format + _META.format[1:])  # a record's head, as read
-CRC_FROM = _LENGTH_CRC.size  # the crc covers kind, seq, time and body
-LAST_SEQ = struct.Struct("<Q")
-EXCLUDED_AT = b"\x00"  # in a marker's body: the left-out seqs follow (keys never hold NUL)
-DATA, BATCH = 1, 2
 MIN_SEGMENT_BYTES = 64 * 1024
 MAX_SEGMENT_BYTES = 64 * 1024 * 1024
 SEGMENTS_PER_SPOOL = 8  # segments are sized so that a full spool holds about this many
-MAX_RECORD = 1 << 30
 FAILED_BACKOFF = 1.0  # seconds new requests are refused, and writes wait, after a failed write
-INDEX_EVERY = 256  # data records between two entries of a replayed segment's read index
 
 
 def segment_size(max_bytes: int) -> int:
@@ -85,169 +76,6 @@ def segment_size(max_bytes: int) -> int:
 
 class SpoolError(Exception):
     """The spool cannot take more now: full, or the disk failed. Answer 503."""
-
-
-@dataclass(slots=True)
-class Record:
-    kind: int
-    seq: int
-    time: float
-    body: bytes
-    epoch: int  # of the process that wrote it
-    offset: int = 0  # in its segment file
-
-    @property
-    def batch(self) -> Marker:
-        """For BATCH records: the batch it describes."""
-        return Marker.unpack(self.seq, self.time, self.body)
-
-
-@dataclass(slots=True, frozen=True)
-class Marker:
-    """A closed batch as its BATCH record holds it: chunks first..last but `excluded`."""
-
-    first: int
-    last: int
-    key: str
-    opened: float
-    excluded: frozenset[int] = frozenset()
-
-    def pack(self) -> bytes:
-        body = LAST_SEQ.pack(self.last) + self.key.encode()
-        if self.excluded:
-            body += EXCLUDED_AT + struct.pack(f"<{len(self.excluded)}Q", *sorted(self.excluded))
-        return body
-
-    @classmethod
-    def unpack(cls, first: int, opened: float, body: bytes) -> Marker:
-        (last,) = LAST_SEQ.unpack_from(body)
-        key, _, rest = body[LAST_SEQ.size :].partition(EXCLUDED_AT)
-        excluded = frozenset(struct.unpack(f"<{len(rest) // 8}Q", rest)) if rest else frozenset()
-        return cls(first, last, key.decode(), opened, excluded)
-
-    @property
-    def seqs(self) -> list[int]:
-        """The chunks the batch holds, ascending."""
-        return [s for s in range(self.first, self.last + 1) if s not in self.excluded]
-
-
-def frame(kind: int, seq: int, ts: float, body: bytes) -> bytes:
-    return head(kind, seq, ts, body) + body
-
-
-def head(kind: int, seq: int, ts: float, body: bytes) -> bytes:
-    """A record's bytes before its body (the spool writes the two without joining them)."""
-    meta = _META.pack(kind, seq, ts)
-    return _LENGTH_CRC.pack(len(body), crc32(body, crc32(meta))) + meta
-
-
-@dataclass(slots=True)
-class Segment:
-    """One segment file and the ledger of what in it is not stored yet."""
-
-    path: Path
-    epoch: int
-    size: int = 0
-    runs: list[list[int]] = field(default_factory=list)  # [start, stop) of its data seqs
-    index: list[tuple[int, int]] = field(default_factory=list)  # (data seq, its offset)
-    pending: int = 0  # records not yet stored (data chunks and batch markers)
-
-    def add(self, seqs: list[int]) -> None:
-        """Data seqs now in this segment, ascending, each above the ones it holds."""
-        runs = self.runs
-        first, last = seqs[0], seqs[-1]
-        if last - first == len(seqs) - 1:  # consecutive, as nearly always: one run
-            if runs and runs[-1][1] == first:
-                runs[-1][1] = last + 1
-            else:
-                runs.append([first, last + 1])
-            return
-        for seq in seqs:
-            if runs and runs[-1][1] == seq:
-                runs[-1][1] = seq + 1
-            else:
-                runs.append([seq, seq + 1])
-
-    def overlap(self, start: int, stop: int) -> int:
-        """How many of seqs [start, stop) this segment holds."""
-        return sum(max(0, min(stop, b) - max(start, a)) for a, b in self.runs)
-
-    def offset(self, seq: int) -> int:
-        """Where reading must start to find data seq `seq` and those after it."""
-        i = bisect.bisect_right(self.index, (seq, 1 << 62)) - 1
-        return self.index[i][1] if i >= 0 else SEGMENT_HEADER.size
-
-
-def read_segment(path: Path, quarantine: Path) -> tuple[int, list[Record], int, bool]:
-    """(epoch, records, good size, damaged). A damaged tail is moved to `quarantine`."""
-    data = path.read_bytes()
-    if len(data) < SEGMENT_HEADER.size or data[:8] != MAGIC:
-        _quarantine(path, data, 0, quarantine, "bad segment header")
-        return 0, [], 0, True
-    _, epoch = SEGMENT_HEADER.unpack_from(data)
-    records: list[Record] = []
-    pos = SEGMENT_HEADER.size
-    while pos < len(data):
-        if pos + RECORD.size > len(data):
-            reason = "torn record header"
-            break
-        length, crc, kind, seq, ts = RECORD.unpack_from(data, pos)
-        end = pos + RECORD.size + length
-        if length > MAX_RECORD or end > len(data):
-            reason = "torn record (length past the end)"
-            break
-        if crc32(data[pos + CRC_FROM : end]) != crc or kind not in (DATA, BATCH):
-            reason = "checksum mismatch"
-            break
-        records.append(Record(kind, seq, ts, data[pos + RECORD.size : end], epoch, pos))
-        pos = end
-    else:
-        return epoch, records, pos, False
-    _quarantine(path, data, pos, quarantine, reason)
-    return epoch, records, pos, True
-
-
-def read_chunks(
-    plan: list[tuple[Path, int, int]], start: int, stop: int
-) -> dict[int, tuple[bytes, float]]:
-    """Data records with seq in [start, stop) from (path, offset, end) spans: seq -> (body, time).
-
-    Runs in a thread. The spans come from the ledger, so every record read was written
-    whole and checked at start or by its own write.
-    """
-    found: dict[int, tuple[bytes, float]] = {}
-    for path, offset, end in plan:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            pos = offset
-            end = min(end, len(m))
-            while pos + RECORD.size <= end:
-                length, _, kind, seq, ts = RECORD.unpack_from(m, pos)
-                body_at = pos + RECORD.size
-                pos = body_at + length
-                if kind != DATA:
-                    continue
-                if seq >= stop:
-                    break
-                if seq >= start:
-                    found[seq] = (m[body_at:pos], ts)
-    return found
-
-
-def _quarantine(path: Path, data: bytes, pos: int, quarantine: Path, reason: str) -> None:
-    quarantine.mkdir(parents=True, exist_ok=True)
-    target = quarantine / f"{path.name}.{pos}.bad"
-    target.write_bytes(data[pos:])
-    with open(path, "r+b") as f:
-        f.truncate(pos)
-        os.fsync(f.fileno())
-    log.error(
-        "spool %s: %s at byte %d; %d damaged bytes moved to %s, starting anyway",
-        path.name,
-        reason,
-        pos,
-        len(data) - pos,
-        target,
-    )
 
 
 # A buffered record: (ticket, kind, seq, payloads); its head and body are in _buffer.
@@ -265,10 +93,7 @@ class Spool:
         self.quarantine = root / "quarantine"
         self.id = ""  # stable across restarts of this spool directory
         self.epoch = 0  # increments at every start: keys never repeat across restarts
-        self.segments: list[Segment] = []  # oldest first; the last one is being written
-        self._by_seq: list[tuple[int, Segment]] = []  # (first data seq, segment), ascending
-        self._marks: dict[int, Segment] = {}  # batch first seq -> segment of its marker
-        self._early: set[tuple[int, int]] = set()  # (kind, seq) stored before it was written
+        self.ledger = Ledger()
         self._buffer: list[bytes] = []  # record heads and bodies, in order
         self._entries: list[_Entry] = []  # one per buffered record, in the same order
         self._buffered = 0
@@ -276,7 +101,6 @@ class Spool:
         self._appended = 0  # records appended, ever
         self._sync_through = 0  # the last record that asked for an fsync (or was waited on)
         self._durable = 0  # records known to be on disk
-        self._written_seq = -1  # the highest data seq written to a segment
         self._unsynced_payloads = 0  # written since the last fsync
         self._waiters: list[_Waiter] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -308,12 +132,7 @@ class Spool:
         for path in sorted(self.root.glob("seg-*.log")):
             epoch, found, size, damaged = read_segment(path, self.quarantine)
             self.damaged += damaged
-            seg = Segment(path, epoch, size)
-            self.segments.append(seg)
-            data = [r for r in found if r.kind == DATA]
-            seg.index = [(r.seq, r.offset) for r in data[::INDEX_EVERY]]
-            self._count(seg, [r.seq for r in data], [r.seq for r in found if r.kind == BATCH])
-            self._written_seq = max(self._written_seq, data[-1].seq if data else -1)
+            self.ledger.load(Segment(path, epoch, size), found)
             records += found
             self.on_disk += size
         try:
@@ -353,27 +172,6 @@ class Spool:
             os.replace(tmp, path)
             _fsync_dir(self.root)
         return new
-
-    def _count(self, seg: Segment, data: list[int], markers: list[int]) -> None:
-        """These records now live in `seg` and are pending until stored()."""
-        if data:
-            if not seg.runs:
-                self._by_seq.append((data[0], seg))
-            seg.add(data)  # stored or not: the ledger says where each seq lives
-        if self._early:  # some were stored before they reached the disk: they are done
-            data, markers = self._not_early(DATA, data), self._not_early(BATCH, markers)
-        seg.pending += len(data) + len(markers)
-        for seq in markers:
-            self._marks[seq] = seg
-
-    def _not_early(self, kind: int, seqs: list[int]) -> list[int]:
-        kept = []
-        for seq in seqs:
-            if (kind, seq) in self._early:
-                self._early.discard((kind, seq))
-            else:
-                kept.append(seq)
-        return kept
 
     # --- writing ---------------------------------------------------------------
 
@@ -459,7 +257,7 @@ class Spool:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                if self._reclaimable():
+                if self.ledger.reclaimable():
                     await self._roll()
                 if not (self._buffer or self._sync_through > self._durable):
                     break
@@ -469,7 +267,7 @@ class Spool:
                 data, upto, payloads = b"".join(buffer), self._appended, self._buffered_payloads
                 self._buffer, self._entries = [], []
                 self._buffered = self._buffered_payloads = 0
-                seg = self.segments[-1]
+                seg = self.ledger.segments[-1]
                 full = seg.size + len(data) >= self.segment_bytes
                 sync = self._sync_through > self._durable or full  # a segment ends fsynced
                 try:
@@ -485,13 +283,10 @@ class Spool:
                     log.warning("spool writes succeed again")
                 # Bookkeeping stays on the event loop; the thread only wrote and synced.
                 seqs = [e[2] for e in entries if e[1] == DATA]
-                if seqs:
-                    seg.index.append((seqs[0], seg.size))
-                    self._written_seq = seqs[-1]
+                marks = [e[2] for e in entries if e[1] == BATCH] if len(seqs) < len(entries) else []
+                self.ledger.wrote(seg, seqs, marks)
                 seg.size += len(data)
                 self.on_disk += len(data)
-                marks = [e[2] for e in entries if e[1] == BATCH] if len(seqs) < len(entries) else []
-                self._count(seg, seqs, marks)
                 self._unsynced_payloads += payloads
                 if sync:
                     self._durable = upto
@@ -579,53 +374,25 @@ class Spool:
         if self._file >= 0:
             os.close(self._file)
         self._file = fd
-        self.segments.append(Segment(path, self.epoch, SEGMENT_HEADER.size))
+        self.ledger.begin(Segment(path, self.epoch, SEGMENT_HEADER.size))
         self.on_disk += SEGMENT_HEADER.size
 
     # --- completion ------------------------------------------------------------
 
     def stored(self, seqs: Iterable[int], marker: int | None = None) -> None:
-        """Chunks `seqs` (and the batch marker keyed by `marker`) are stored; free segments.
-
-        A batch's seqs are a range, and each segment holds runs of consecutive seqs, so
-        a range is settled a segment at a time, not a seq at a time: this runs on the
-        event loop, for up to --batch-max-payloads seqs at once. Seqs no segment holds
-        (refused ones) are skipped.
-        """
-        firsts = [first for first, _ in self._by_seq]
-        for start, stop in _runs(seqs):
-            if stop - 1 > self._written_seq:  # still in the write buffer
-                for seq in range(max(start, self._written_seq + 1), stop):
-                    self._early.add((DATA, seq))
-                stop = self._written_seq + 1
-            i = max(0, bisect.bisect_right(firsts, start) - 1)
-            while i < len(firsts) and firsts[i] < stop:
-                seg = self._by_seq[i][1]
-                seg.pending -= seg.overlap(start, stop)
-                i += 1
-        if marker is not None:
-            holder = self._marks.pop(marker, None)
-            if holder is None:
-                self._early.add((BATCH, marker))
-            else:
-                holder.pending -= 1
+        """Chunks `seqs` (and the batch marker keyed by `marker`) are stored; free segments."""
+        self.ledger.stored(seqs, marker)
         self._free()
 
     def _free(self) -> None:
         """Delete the oldest segments while they are fully stored; roll a stored active one."""
-        while len(self.segments) > 1 and self.segments[0].pending <= 0:
-            self._drop(self.segments[0])
-        if self._reclaimable():
+        while (seg := self.ledger.freeable()) is not None:
+            self._drop(seg)
+        if self.ledger.reclaimable():
             self._start_flusher()  # it rolls the segment before it writes anything new
 
-    def _reclaimable(self) -> bool:
-        """The active segment alone is left, holds records, and all of them are stored."""
-        active = self.segments[-1]
-        return len(self.segments) == 1 and active.pending <= 0 and active.size > SEGMENT_HEADER.size
-
     def _drop(self, seg: Segment) -> None:
-        self.segments.remove(seg)
-        self._by_seq = [(f, s) for f, s in self._by_seq if s is not seg]
+        self.ledger.drop(seg)
         self.on_disk -= seg.size
         done = asyncio.get_running_loop().run_in_executor(None, _unlink, seg.path)
         self._unlinking.add(done)
@@ -643,25 +410,25 @@ class Spool:
     # --- reading back ------------------------------------------------------------
 
     @property
+    def segments(self) -> list[Segment]:
+        """The segment files, oldest first; the last one is being written."""
+        return self.ledger.segments
+
+    @property
     def oldest_seq(self) -> int:
         """The lowest data seq still in a segment (or one past the last written)."""
-        return self._by_seq[0][0] if self._by_seq else self._written_seq + 1
+        return self.ledger.oldest_seq
 
     def written(self, seq: int) -> bool:
         """Whether data seq `seq` has reached a segment file (not only the write buffer)."""
-        return seq <= self._written_seq
+        return seq <= self.ledger.written_seq
 
     async def read(self, start: int, stop: int) -> dict[int, tuple[bytes, float]]:
         """The chunks with seqs in [start, stop) that the segments hold: seq -> (body, time).
 
         Read in a thread. Every seq asked for must have been written (see written()).
         """
-        plan = [
-            (seg.path, seg.offset(start), seg.size)
-            for seg in self.segments
-            if seg.runs and seg.runs[0][0] < stop and seg.runs[-1][1] > start
-        ]
-        return await asyncio.to_thread(read_chunks, plan, start, stop)
+        return await asyncio.to_thread(read_chunks, self.ledger.plan(start, stop), start, stop)
 
     async def close(self) -> None:
         if self._durable < self._appended:  # what `received` left unsynced ends durable
@@ -673,8 +440,8 @@ class Spool:
         if self._file >= 0:
             os.close(self._file)
             self._file = -1
-        while self.segments and self.segments[0].pending <= 0:  # oldest first, as always
-            self._drop(self.segments[0])
+        while (seg := self.ledger.freeable(active=True)) is not None:  # oldest first, as always
+            self._drop(seg)
         await self.unlinked()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
@@ -691,19 +458,6 @@ def _call(callback: Callable[[SpoolError | None], None], error: SpoolError | Non
 def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:
     if not fut.done():  # cancelled meanwhile: nobody waits
         fut.set_exception(error) if error else fut.set_result(None)
-
-
-def _runs(seqs: Iterable[int]) -> list[tuple[int, int]]:
-    """Ascending seqs as (start, stop) runs of consecutive ones."""
-    if isinstance(seqs, range) and seqs.step == 1:
-        return [(seqs.start, seqs.stop)]
-    runs: list[list[int]] = []
-    for seq in seqs:
-        if runs and runs[-1][1] == seq:
-            runs[-1][1] = seq + 1
-        else:
-            runs.append([seq, seq + 1])
-    return [(start, stop) for start, stop in runs]
 
 
 def stranded(root: Path, processes: int) -> list[tuple[Path, int]]:
