@@ -63,7 +63,7 @@ class SeaweedFS:
         config = root / "s3.json"
         config.write_text(json.dumps(identities))
         names = ["master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc"]
-        names += ["s3", "s3.grpc", "s3.iceberg", "metrics"]
+        names += ["s3", "s3.grpc", "metrics"]
         ports = dict(zip(names, _free_ports(len(names)), strict=True))
         self.port = ports["s3"]
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -86,7 +86,10 @@ class SeaweedFS:
             "-s3",
             f"-s3.port={self.port}",
             f"-s3.port.grpc={ports['s3.grpc']}",
-            f"-s3.port.iceberg={ports['s3.iceberg']}",
+            # No Iceberg or Lance catalog: unused, and a fixed default port would be shared
+            # by every server on the machine (parallel test workers start one each).
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
             f"-s3.config={config}",
             f"-metricsPort={ports['metrics']}",
         ]
