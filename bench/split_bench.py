@@ -2,17 +2,21 @@
 
     python -m bench.split_bench [--n 1 10 100] [--bodies 500] [--reps 7] [--cpu 1]
 
-Three ways to turn one POST body (wrk's ``post.lua`` shape: a collection of N payloads)
+Four ways to turn one POST body (wrk's ``post.lua`` shape: a collection of N payloads)
 into the NDJSON chunk the pipeline queues, each timed per body, side by side:
 
-- ``orjson``: parse the whole document and dump each payload again (``bodies._parse_json``,
-  what the server does with a body the splitter leaves to it);
+- ``orjson``: parse the whole document and dump each payload again, then check member
+  names with the stdlib parser (``bodies._parse_json``, what the server does with a body
+  the splitter leaves to it);
 - ``python``: the splitter's specification, ``_split_py.split_payloads``;
-- ``compiled``: ``_split.split_payloads``, the one the server runs.
+- ``compiled``: ``_split.split_payloads``, the one the server runs, checking that no
+  payload repeats a member name (the default);
+- ``unchecked``: the same without that check (``--duplicate-keys allow``).
 
 Each (N, way) runs ``--reps`` times in a shuffled order over the same bodies; the table
-shows medians and each way's time as a multiple of the orjson path's. All three must
-give the same chunk for every body, or the run stops. Results go to
+shows medians, the compiled splitter's time as a multiple of the orjson path's, and the
+name check's cost as compiled / unchecked. All four must give the same chunk for every
+body, or the run stops. Results go to
 ``bench/results/split_bench-<time>.json``.
 """
 
@@ -34,7 +38,7 @@ Split = Callable[[bytes], bytes | None]
 
 
 def _orjson(raw: bytes) -> bytes:
-    return _parse_json(raw).chunk
+    return _parse_json(raw, True).chunk
 
 
 def _chunk_of(split: Callable[[bytes], tuple[bytes, int, str | None] | None]) -> Split:
@@ -66,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         "orjson": _orjson,
         "python": _chunk_of(_split_py.split_payloads),
         "compiled": _chunk_of(_split.split_payloads),
+        "unchecked": _chunk_of(lambda raw: _split.split_payloads(raw, False)),
     }
     bodies = {n: [body(n, seed) for seed in range(args.bodies)] for n in args.n}
     for n, some in bodies.items():
@@ -84,14 +89,15 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     print(f"\nCPU per body, µs (median of {args.reps} runs of {args.bodies} bodies)")
-    print("| N | body bytes | orjson | python | compiled | compiled takes |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| N | body bytes | orjson | python | compiled | unchecked | compiled takes | check |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in args.n:
         med = {w: statistics.median(samples[(n, w)]) for w in ways}
         size = statistics.mean(len(raw) for raw in bodies[n])
         print(
             f"| {n} | {size:,.0f} | {med['orjson']:.2f} | {med['python']:.2f} | "
-            f"{med['compiled']:.2f} | {med['compiled'] / med['orjson']:.2f}x |"
+            f"{med['compiled']:.2f} | {med['unchecked']:.2f} | "
+            f"{med['compiled'] / med['orjson']:.2f}x | {med['compiled'] / med['unchecked']:.2f}x |"
         )
         results.append(
             {
@@ -99,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 "body_bytes": size,
                 **{f"{w}_us": med[w] for w in ways},
                 "ratio": med["compiled"] / med["orjson"],
+                "check_ratio": med["compiled"] / med["unchecked"],
                 "runs": {w: samples[(n, w)] for w in ways},
             }
         )

@@ -80,3 +80,71 @@ def test_zstd_bodies_are_whole_or_refused():
     with pytest.raises(BodyError) as inflated:
         decompress(bomb, "zstd", 1 << 20)
     assert inflated.value.status == 413
+
+
+# --- member names must not repeat (RFC 7493) ------------------------------------------
+
+JSON, NDJSON = "application/json", "application/x-ndjson"
+
+
+@pytest.mark.parametrize(
+    ("body", "path"),
+    [
+        (b'{"data":[{"id":1},{"id":2,"id":3}]}', "$.data[1]"),
+        (b'[{"user":{"name":"a","name":"b"}}]', "$[0].user"),
+        (b'{"id":1,"id":1}', "$"),
+        (b'[{"a":1,"\\u0061":2}]', "$[0]"),  # one name spelt two ways
+        (b'[{"list":[{"x":1e5,"x":1}]}]', "$[0].list[0]"),  # a body the splitter leaves alone
+        (b'[{"odd key":{"k":1,"k":2}}]', '$[0]["odd key"]'),
+    ],
+)
+def test_a_payload_that_repeats_a_name_is_refused_with_where(body, path):
+    with pytest.raises(BodyError) as caught:
+        parse(body, JSON)
+    assert (caught.value.status, caught.value.error) == (400, "duplicate_key")
+    assert caught.value.where == {"path": path}
+    assert path in caught.value.detail and "RFC 7493" in caught.value.detail
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"version":"1","version":"2","data":[{"a":1}]}',
+        b'{"data":[{"a":1}],"data":[{"b":2}]}',
+        b'{"token":"a","data":[{"a":1}],"token":"b"}',
+        b'{"data":[{"a":1}],"d\\u0061ta":[{"b":2}]}',
+    ],
+)
+@pytest.mark.parametrize("unique", [True, False])
+def test_a_collection_that_repeats_its_own_name_is_always_refused(body, unique):
+    with pytest.raises(BodyError) as caught:
+        parse(body, JSON, unique)
+    assert caught.value.error == "duplicate_key" and caught.value.where == {"path": "$"}
+
+
+def test_with_duplicates_allowed_a_payload_is_stored_as_sent():
+    for body, chunk in [
+        (b'{"data":[{"id":2,"id":3}]}', b'{"id":2,"id":3}\n'),
+        (b'[{"a":1,"\\u0061":2}]', b'{"a":1,"\\u0061":2}\n'),
+        (b'{"id":1,"id":1}', b'{"id":1,"id":1}\n'),
+    ]:
+        assert parse(body, JSON, unique=False).chunk == chunk
+    ndjson = b'{"a":1}\n{"b":1,"b":2}\n'
+    assert parse(ndjson, NDJSON, unique=False).chunk == ndjson
+
+
+def test_an_ndjson_line_that_repeats_a_name_is_refused_with_its_line():
+    body = b'{"a":1}\n{"a":1,"b":{"c":1}}\n\n{"x":[{"y":1,"y":2}]}\n'
+    with pytest.raises(BodyError) as caught:
+        parse(body, NDJSON)
+    assert caught.value.where == {"path": "$.x[0]", "line": 4}
+    assert "on line 4" in caught.value.detail
+
+
+def test_names_that_only_look_alike_are_not_repeats():
+    for body in [
+        b'[{"a":1,"A":2,"a ":3,"\\u00e9":4,"e\\u0301":5}]',
+        b'[{"a":{"a":{"a":1}},"b":[{"a":1},{"a":2}]}]',
+    ]:
+        assert parse(body, JSON).count == 1
+    assert parse(b'{"a":1}\n{"a":2}\n', NDJSON).count == 2

@@ -199,6 +199,26 @@ BAD = [
         "integer_out_of_range",
     ),
     (
+        "a payload repeats a member name",
+        "POST",
+        "/ingest",
+        b'{"data":[{"id":1},{"id":2,"id":3}]}',
+        "application/json",
+        {},
+        400,
+        "duplicate_key",
+    ),
+    (
+        "an ndjson line repeats a member name",
+        "POST",
+        "/ingest",
+        b'{"a":1}\n{"a":1,"a":2}\n',
+        "application/x-ndjson",
+        {},
+        400,
+        "duplicate_key",
+    ),
+    (
         "ndjson array line",
         "POST",
         "/ingest",
@@ -328,6 +348,26 @@ def test_integers_land_as_sent_or_not_at_all(tmp_path):
     assert server.stop() == 0
     landed = landed_dir(tmp_path / "fastingest-data" / "objects")
     assert landed == Counter({edge: 1, big: 3})  # the edge case re-serialised, still exact
+
+
+def test_repeated_member_names_are_refused_or_with_allow_stored_as_sent(tmp_path):
+    twice = b'{"id":2,"id":3}'
+    (tmp_path / "strict").mkdir()
+    (tmp_path / "allow").mkdir()
+    strict = Server(cwd=tmp_path / "strict")
+    status, _, answer = strict.post(b'{"data":[{"id":1},' + twice + b"]}")
+    assert (status, answer["error"], answer["path"]) == (400, "duplicate_key", "$.data[1]")
+    assert strict.post(b'{"id":1}')[0] == 202
+    assert strict.stop() == 0
+    assert landed_dir(tmp_path / "strict" / "fastingest-data" / "objects") == Counter([b'{"id":1}'])
+
+    allow = Server(cwd=tmp_path / "allow", env={"FASTINGEST_DUPLICATE_KEYS": "allow"})
+    assert allow.post(b'{"data":[{"id":1},' + twice + b"]}")[0] == 202
+    status, _, answer = allow.post(b'{"version":1,"version":2,"data":[{"id":4}]}')
+    assert (status, answer["error"], answer["path"]) == (400, "duplicate_key", "$")
+    assert allow.stop() == 0
+    landed = landed_dir(tmp_path / "allow" / "fastingest-data" / "objects")
+    assert landed == Counter([b'{"id":1}', twice])  # as sent
 
 
 def test_bad_requests_queue_nothing(tmp_path, front):

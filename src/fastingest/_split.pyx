@@ -18,6 +18,7 @@ from libc.string cimport memchr, memcmp, memcpy
 cdef enum:
     MAX_DEPTH = 128  # containers inside containers (orjson allows 1024)
     MAX_NUMBER = 100  # characters in a number; a longer one may be infinite as a double
+    MAX_MEMBERS = 64  # in an object whose names are checked: their spans live on the stack
 
 ctypedef const unsigned char* cstr
 
@@ -166,7 +167,18 @@ cdef inline Py_ssize_t _literal(cstr s, Py_ssize_t i, Py_ssize_t n, const char* 
     return -1
 
 
-cdef Py_ssize_t _value(cstr s, Py_ssize_t i, Py_ssize_t n, int depth) noexcept nogil:
+cdef inline bint _named_before(cstr s, Span* names, int count, Py_ssize_t start,
+                               Py_ssize_t end) noexcept nogil:
+    """Whether s[start:end] is one of the `count` names already seen in this object."""
+    cdef int k
+    cdef Py_ssize_t size = end - start
+    for k in range(count):
+        if names[k].end - names[k].start == size and memcmp(s + names[k].start, s + start, size) == 0:
+            return True
+    return False
+
+
+cdef Py_ssize_t _value(cstr s, Py_ssize_t i, Py_ssize_t n, int depth, bint unique) noexcept nogil:
     """The end of the value at s[i], which `depth` containers hold; -1 for None."""
     if i >= n:
         return -1
@@ -177,8 +189,8 @@ cdef Py_ssize_t _value(cstr s, Py_ssize_t i, Py_ssize_t n, int depth) noexcept n
         if depth >= MAX_DEPTH:
             return -1
         if c == 0x7B:
-            return _object(s, i, n, depth + 1)
-        return _array(s, i, n, depth + 1)
+            return _object(s, i, n, depth + 1, unique)
+        return _array(s, i, n, depth + 1, unique)
     if c == 0x74:
         return _literal(s, i, n, "true", 4)
     if c == 0x66:
@@ -188,20 +200,31 @@ cdef Py_ssize_t _value(cstr s, Py_ssize_t i, Py_ssize_t n, int depth) noexcept n
     return _number(s, i, n)
 
 
-cdef Py_ssize_t _object(cstr s, Py_ssize_t i, Py_ssize_t n, int depth) noexcept nogil:
+cdef Py_ssize_t _object(cstr s, Py_ssize_t i, Py_ssize_t n, int depth,
+                        bint unique) noexcept nogil:
+    cdef Span names[MAX_MEMBERS]
+    cdef int count = 0
+    cdef Py_ssize_t end
     i = _ws(s, i + 1, n)
     if i < n and s[i] == 0x7D:
         return i + 1
     while True:
         if i >= n or s[i] != 0x22:
             return -1
-        i = _string(s, i, n)
-        if i < 0:
+        end = _string(s, i, n)
+        if end < 0:
             return -1
-        i = _ws(s, i, n)
+        if unique:
+            if (count == MAX_MEMBERS or memchr(s + i + 1, 0x5C, end - i - 2) != NULL
+                    or _named_before(s, names, count, i + 1, end - 1)):
+                return -1
+            names[count].start = i + 1
+            names[count].end = end - 1
+            count += 1
+        i = _ws(s, end, n)
         if i >= n or s[i] != 0x3A:  # :
             return -1
-        i = _value(s, _ws(s, i + 1, n), n, depth)
+        i = _value(s, _ws(s, i + 1, n), n, depth, unique)
         if i < 0:
             return -1
         i = _ws(s, i, n)
@@ -213,12 +236,13 @@ cdef Py_ssize_t _object(cstr s, Py_ssize_t i, Py_ssize_t n, int depth) noexcept 
             return -1
 
 
-cdef Py_ssize_t _array(cstr s, Py_ssize_t i, Py_ssize_t n, int depth) noexcept nogil:
+cdef Py_ssize_t _array(cstr s, Py_ssize_t i, Py_ssize_t n, int depth,
+                       bint unique) noexcept nogil:
     i = _ws(s, i + 1, n)
     if i < n and s[i] == 0x5D:
         return i + 1
     while True:
-        i = _value(s, i, n, depth)
+        i = _value(s, i, n, depth, unique)
         if i < 0:
             return -1
         i = _ws(s, i, n)
@@ -231,14 +255,14 @@ cdef Py_ssize_t _array(cstr s, Py_ssize_t i, Py_ssize_t n, int depth) noexcept n
 
 
 cdef Py_ssize_t _payloads(cstr s, Py_ssize_t i, Py_ssize_t n, int depth, char* out,
-                          Py_ssize_t* size, Py_ssize_t* count) noexcept nogil:
+                          Py_ssize_t* size, Py_ssize_t* count, bint unique) noexcept nogil:
     """A non-empty array of objects at s[i], `depth` containers deep: copied to out."""
     cdef Py_ssize_t end
     i = _ws(s, i + 1, n)
     while True:
         if i >= n or s[i] != 0x7B:
             return -1
-        end = _value(s, i, n, depth)
+        end = _value(s, i, n, depth, unique)
         if end < 0 or not _one_line(s, i, end):
             return -1
         memcpy(out + size[0], s + i, end - i)
@@ -255,11 +279,17 @@ cdef Py_ssize_t _payloads(cstr s, Py_ssize_t i, Py_ssize_t n, int depth, char* o
 
 
 cdef Py_ssize_t _collection(cstr s, Py_ssize_t i, Py_ssize_t n, char* out, Py_ssize_t* size,
-                            Py_ssize_t* count, Span* token) noexcept nogil:
-    """A top-level object at s[i]; its "data" copied to out. -1 for None."""
+                            Py_ssize_t* count, Span* token, bint unique) noexcept nogil:
+    """A top-level object at s[i]; its "data" copied to out. -1 for None.
+
+    A repeated name is None for a collection; for a lone object (the payload) only with
+    `unique`.
+    """
     cdef Py_ssize_t end, key_size
     cdef cstr key
-    cdef bint seen_token = False
+    cdef Span names[MAX_MEMBERS]
+    cdef int named = 0
+    cdef bint repeated = False
     i = _ws(s, i + 1, n)
     if i < n and s[i] == 0x7D:
         return i + 1
@@ -267,8 +297,12 @@ cdef Py_ssize_t _collection(cstr s, Py_ssize_t i, Py_ssize_t n, char* out, Py_ss
         if i >= n or s[i] != 0x22:
             return -1
         end = _string(s, i, n)
-        if end < 0 or memchr(s + i + 1, 0x5C, end - i - 2) != NULL:
-            return -1  # invalid, or a key written with an escape
+        if end < 0 or memchr(s + i + 1, 0x5C, end - i - 2) != NULL or named == MAX_MEMBERS:
+            return -1  # invalid, a key written with an escape, or too many to check
+        repeated = repeated or _named_before(s, names, named, i + 1, end - 1)
+        names[named].start = i + 1
+        names[named].end = end - 1
+        named += 1
         key = s + i + 1
         key_size = end - i - 2
         i = _ws(s, end, n)
@@ -278,11 +312,8 @@ cdef Py_ssize_t _collection(cstr s, Py_ssize_t i, Py_ssize_t n, char* out, Py_ss
         if key_size == 4 and memcmp(key, b"data", 4) == 0:
             if count[0] or i >= n or s[i] != 0x5B:
                 return -1
-            i = _payloads(s, i, n, 2, out, size, count)
+            i = _payloads(s, i, n, 2, out, size, count, unique)
         elif key_size == 5 and memcmp(key, b"token", 5) == 0:
-            if seen_token:
-                return -1
-            seen_token = True
             if i < n and s[i] == 0x22:
                 end = _string(s, i, n)
                 if end < 0 or memchr(s + i, 0x5C, end - i) != NULL:
@@ -291,15 +322,17 @@ cdef Py_ssize_t _collection(cstr s, Py_ssize_t i, Py_ssize_t n, char* out, Py_ss
                 token.end = end - 1
                 i = end
             else:
-                i = _value(s, i, n, 1)
+                i = _value(s, i, n, 1, unique)
         else:
-            i = _value(s, i, n, 1)
+            i = _value(s, i, n, 1, unique)
         if i < 0:
             return -1
         i = _ws(s, i, n)
         if i < n and s[i] == 0x2C:
             i = _ws(s, i + 1, n)
         elif i < n and s[i] == 0x7D:
+            if repeated and (count[0] or unique):
+                return -1
             if not count[0]:
                 token.start = token.end = -1  # a lone object has no token
             return i + 1
@@ -312,7 +345,21 @@ cdef inline bint _one_line(cstr s, Py_ssize_t start, Py_ssize_t end) noexcept no
             and memchr(s + start, 0x0D, end - start) == NULL)
 
 
-def split_payloads(bytes body not None):
+def members_unique(bytes body not None):
+    """Whether `body`, JSON values one after another (NDJSON), is sure to repeat no member
+    name in any object; False also where the splitter would leave the body alone."""
+    cdef cstr s = <cstr>PyBytes_AS_STRING(body)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(body)
+    cdef Py_ssize_t i = _ws(s, 0, n)
+    while i < n:
+        i = _value(s, i, n, 0, True)
+        if i < 0:
+            return False
+        i = _ws(s, i, n)
+    return True
+
+
+def split_payloads(bytes body not None, bint unique=True):
     """The body's payloads as an NDJSON chunk, their count and the collection's token."""
     cdef cstr s = <cstr>PyBytes_AS_STRING(body)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(body)
@@ -329,9 +376,9 @@ def split_payloads(bytes body not None):
     cdef bytes out = PyBytes_FromStringAndSize(NULL, n + 1)
     cdef char* buf = PyBytes_AS_STRING(out)
     if s[i] == 0x5B:
-        end = _payloads(s, i, n, 1, buf, &size, &count)
+        end = _payloads(s, i, n, 1, buf, &size, &count, unique)
     elif s[i] == 0x7B:
-        end = _collection(s, i, n, buf, &size, &count, &token)
+        end = _collection(s, i, n, buf, &size, &count, &token, unique)
         if end >= 0 and not count:  # no "data": the object is the payload
             if not _one_line(s, i, end):
                 return None

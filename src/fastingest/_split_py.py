@@ -17,8 +17,11 @@ not plainly fine:
 - valid JSON that orjson might read differently: a ``\\u`` escape of a surrogate, a
   number with an exponent or longer than ``MAX_NUMBER`` characters (orjson refuses
   some as infinite), nesting deeper than ``MAX_DEPTH``;
-- a top-level key written with an escape, ``data`` or ``token`` given twice (orjson
-  keeps the last), a ``token`` string with an escape;
+- a top-level key written with an escape, a top-level key given twice (orjson keeps the
+  last), more than ``MAX_MEMBERS`` top-level keys, a ``token`` string with an escape;
+- with ``unique`` (member names must not repeat, RFC 7493), a payload's object that
+  repeats a member name, writes one with an escape (the same name may be spelt two
+  ways) or has more than ``MAX_MEMBERS`` members;
 - any shape but these three: a collection whose ``data`` is a non-empty array of
   objects, a non-empty array of objects, one object without ``data``;
 - a payload that spans lines (NDJSON needs one line per payload).
@@ -30,6 +33,7 @@ import re
 
 MAX_DEPTH = 128  # containers inside containers (orjson allows 1024)
 MAX_NUMBER = 100  # characters in a number; a longer one may be infinite as a double
+MAX_MEMBERS = 64  # in an object whose names are checked (the compiled twin: on its stack)
 
 _WHITESPACE = frozenset(b" \t\n\r")
 _STRING = re.compile(rb'"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*"')
@@ -42,8 +46,12 @@ OBJECT, OBJECT_END, ARRAY, ARRAY_END = ord("{"), ord("}"), ord("["), ord("]")
 NO_TOKEN = (-1, -1)  # the token's span, quotes excluded, when there is none
 
 
-def split_payloads(body: bytes) -> tuple[bytes, int, str | None] | None:
-    """The body's payloads as an NDJSON chunk, their count and the collection's token."""
+def split_payloads(body: bytes, unique: bool = True) -> tuple[bytes, int, str | None] | None:
+    """The body's payloads as an NDJSON chunk, their count and the collection's token.
+
+    With `unique`, each payload's member names are checked not to repeat (a collection's
+    own names always are).
+    """
     n = len(body)
     i = _ws(body, 0)
     spans: list[tuple[int, int]] = []
@@ -51,9 +59,9 @@ def split_payloads(body: bytes) -> tuple[bytes, int, str | None] | None:
     if i == n:
         return None
     if body[i] == ARRAY:
-        end = _payloads(body, i, 1, spans)
+        end = _payloads(body, i, 1, spans, unique)
     elif body[i] == OBJECT:
-        end, token = _collection(body, i, spans)
+        end, token = _collection(body, i, spans, unique)
         if end >= 0 and not spans:  # no "data": the object is the payload
             spans.append((i, end))
     else:
@@ -68,11 +76,31 @@ def split_payloads(body: bytes) -> tuple[bytes, int, str | None] | None:
     return chunk, len(spans), text
 
 
-def _collection(body: bytes, i: int, spans: list[tuple[int, int]]) -> tuple[int, tuple[int, int]]:
-    """A top-level object at body[i]; fills `spans` from its "data". -1 for None."""
+def members_unique(body: bytes) -> bool:
+    """Whether `body`, JSON values one after another (NDJSON), is sure to repeat no member
+    name in any object; False also where the splitter would leave the body alone."""
+    n = len(body)
+    i = _ws(body, 0)
+    while i < n:
+        i = _value(body, i, 0, True)
+        if i < 0:
+            return False
+        i = _ws(body, i)
+    return True
+
+
+def _collection(
+    body: bytes, i: int, spans: list[tuple[int, int]], unique: bool
+) -> tuple[int, tuple[int, int]]:
+    """A top-level object at body[i]; fills `spans` from its "data". -1 for None.
+
+    A repeated name is None for a collection; for a lone object (the payload) only with
+    `unique`.
+    """
     n = len(body)
     token = NO_TOKEN
-    seen_token = False
+    names: set[bytes] = set()
+    repeated = False
     i = _ws(body, i + 1)
     if i < n and body[i] == OBJECT_END:
         return i + 1, token
@@ -83,8 +111,10 @@ def _collection(body: bytes, i: int, spans: list[tuple[int, int]]) -> tuple[int,
         if end < 0:
             return -1, token
         key = body[i + 1 : end - 1]
-        if b"\\" in key:
+        if b"\\" in key or len(names) == MAX_MEMBERS:
             return -1, token
+        repeated = repeated or key in names
+        names.add(key)
         i = _ws(body, end)
         if i >= n or body[i] != COLON:
             return -1, token
@@ -92,11 +122,8 @@ def _collection(body: bytes, i: int, spans: list[tuple[int, int]]) -> tuple[int,
         if key == b"data":
             if spans or i >= n or body[i] != ARRAY:
                 return -1, token
-            i = _payloads(body, i, 2, spans)
+            i = _payloads(body, i, 2, spans, unique)
         elif key == b"token":
-            if seen_token:
-                return -1, token
-            seen_token = True
             if i < n and body[i] == QUOTE:
                 end = _string(body, i)
                 if end < 0 or b"\\" in body[i:end]:
@@ -104,28 +131,30 @@ def _collection(body: bytes, i: int, spans: list[tuple[int, int]]) -> tuple[int,
                 token = (i + 1, end - 1)
                 i = end
             else:
-                i = _value(body, i, 1)
+                i = _value(body, i, 1, unique)
         else:
-            i = _value(body, i, 1)
+            i = _value(body, i, 1, unique)
         if i < 0:
             return -1, token
         i = _ws(body, i)
         if i < n and body[i] == COMMA:
             i = _ws(body, i + 1)
         elif i < n and body[i] == OBJECT_END:
+            if repeated and (spans or unique):
+                return -1, token
             return i + 1, token if spans else NO_TOKEN  # a lone object has no token
         else:
             return -1, token
 
 
-def _payloads(body: bytes, i: int, depth: int, spans: list[tuple[int, int]]) -> int:
+def _payloads(body: bytes, i: int, depth: int, spans: list[tuple[int, int]], unique: bool) -> int:
     """A non-empty array of objects at body[i], `depth` containers deep; their spans."""
     n = len(body)
     i = _ws(body, i + 1)
     while True:
         if i >= n or body[i] != OBJECT:
             return -1
-        end = _value(body, i, depth)
+        end = _value(body, i, depth, unique)
         if end < 0:
             return -1
         spans.append((i, end))
@@ -138,7 +167,7 @@ def _payloads(body: bytes, i: int, depth: int, spans: list[tuple[int, int]]) -> 
             return -1
 
 
-def _value(body: bytes, i: int, depth: int) -> int:
+def _value(body: bytes, i: int, depth: int, unique: bool) -> int:
     """The end of the value at body[i], which `depth` containers hold; -1 for None."""
     if i >= len(body):
         return -1
@@ -148,28 +177,36 @@ def _value(body: bytes, i: int, depth: int) -> int:
     if c == OBJECT or c == ARRAY:
         if depth >= MAX_DEPTH:
             return -1
-        return _object(body, i, depth + 1) if c == OBJECT else _array(body, i, depth + 1)
+        if c == OBJECT:
+            return _object(body, i, depth + 1, unique)
+        return _array(body, i, depth + 1, unique)
     for literal in _LITERALS:
         if body.startswith(literal, i):
             return i + len(literal)
     return _number(body, i)
 
 
-def _object(body: bytes, i: int, depth: int) -> int:
+def _object(body: bytes, i: int, depth: int, unique: bool) -> int:
     n = len(body)
+    names: set[bytes] = set()
     i = _ws(body, i + 1)
     if i < n and body[i] == OBJECT_END:
         return i + 1
     while True:
         if i >= n or body[i] != QUOTE:
             return -1
-        i = _string(body, i)
-        if i < 0:
+        end = _string(body, i)
+        if end < 0:
             return -1
-        i = _ws(body, i)
+        if unique:
+            name = body[i + 1 : end - 1]
+            if b"\\" in name or name in names or len(names) == MAX_MEMBERS:
+                return -1
+            names.add(name)
+        i = _ws(body, end)
         if i >= n or body[i] != COLON:
             return -1
-        i = _value(body, _ws(body, i + 1), depth)
+        i = _value(body, _ws(body, i + 1), depth, unique)
         if i < 0:
             return -1
         i = _ws(body, i)
@@ -181,13 +218,13 @@ def _object(body: bytes, i: int, depth: int) -> int:
             return -1
 
 
-def _array(body: bytes, i: int, depth: int) -> int:
+def _array(body: bytes, i: int, depth: int, unique: bool) -> int:
     n = len(body)
     i = _ws(body, i + 1)
     if i < n and body[i] == ARRAY_END:
         return i + 1
     while True:
-        i = _value(body, i, depth)
+        i = _value(body, i, depth, unique)
         if i < 0:
             return -1
         i = _ws(body, i)

@@ -12,6 +12,12 @@ surrogate escape: see ``_split_py.py``) are parsed by orjson, which words the er
 or re-serialises each payload compactly: same values, not necessarily the same
 bytes. So a re-serialised payload may not hold an integer orjson cannot keep
 (beyond 64 bits).
+
+Member names must not repeat within an object (I-JSON, RFC 7493): readers disagree on
+which of two values they keep. A collection that repeats one of its own names is
+always refused; a payload that repeats one is refused unless ``--duplicate-keys
+allow``, which stores it as sent. The splitter checks names in its one pass; a body it
+is unsure of is checked here with the stdlib parser, which also says where.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any
 import orjson
 
 from fastingest.errors import Refusal
-from fastingest.split import split_payloads
+from fastingest.split import members_unique, split_payloads
 
 # An integer of 19 or more digits may lie outside [-2**63, 2**64), which orjson reads as a float.
 # Found by mapping every digit to "0" and searching for 19 of them: one C pass over the body,
@@ -111,16 +117,19 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     )
 
 
-def parse(body: bytes, content_type: str) -> Payloads:
-    """Split a decoded body into payloads, or raise BodyError."""
-    if content_type in JSON_TYPES and (split := split_payloads(body)) is not None:
+def parse(body: bytes, content_type: str, unique: bool = True) -> Payloads:
+    """Split a decoded body into payloads, or raise BodyError.
+
+    With `unique`, a payload that repeats a member name is refused too.
+    """
+    if content_type in JSON_TYPES and (split := split_payloads(body, unique)) is not None:
         return Payloads(*split)
     if not body.strip():
         raise BodyError(400, "empty_body", "the request has no body")
     if content_type in JSON_TYPES:
-        return _parse_json(body)
+        return _parse_json(body, unique)
     if content_type in NDJSON_TYPES:
-        return _parse_ndjson(body)
+        return _parse_ndjson(body, unique)
     raise BodyError(
         415,
         "unsupported_media_type",
@@ -137,11 +146,14 @@ def _decode_error(exc: orjson.JSONDecodeError, line: int | None = None) -> BodyE
     )
 
 
-def _parse_json(body: bytes) -> Payloads:
+def _parse_json(body: bytes, unique: bool) -> Payloads:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise _decode_error(exc) from None
+    collection = type(doc) is dict and "data" in doc
+    if unique or collection:  # orjson kept the last of any repeated name: look again
+        _refuse_repeated_names(body, nested=unique)
     if type(doc) is dict:
         if "data" in doc:  # the original design's collection
             data = doc["data"]
@@ -204,7 +216,53 @@ def _join(items: list[Any], field: str, body: bytes) -> tuple[bytes, int]:
     return b"\n".join(parts), len(items)
 
 
-def _parse_ndjson(body: bytes) -> Payloads:
+class _Members(list[tuple[str, Any]]):
+    """An object as the stdlib parser read it: every member, repeated names included."""
+
+
+def _repeated(value: Any, path: str, nested: bool) -> tuple[str, str] | None:
+    """(the path of the first object that repeats a name, the name), depth first."""
+    if isinstance(value, _Members):
+        names: set[str] = set()
+        for name, _ in value:
+            if name in names:
+                return path, name
+            names.add(name)
+        if nested:
+            for name, member in value:
+                step = f".{name}" if name.isidentifier() else f"[{json.dumps(name)}]"
+                if found := _repeated(member, path + step, nested):
+                    return found
+    elif nested and isinstance(value, list):
+        for i, item in enumerate(value):
+            if found := _repeated(item, f"{path}[{i}]", nested):
+                return found
+    return None
+
+
+def _refuse_repeated_names(text: bytes, nested: bool, line: int | None = None) -> None:
+    """BodyError if an object in `text` (valid JSON) repeats a member name; without
+    `nested`, only the top-level object's names are checked."""
+    try:
+        found = _repeated(json.loads(text, object_pairs_hook=_Members), "$", nested)
+    except RecursionError:
+        raise BodyError(
+            400, "too_deep", "the body nests too deeply to check its member names"
+        ) from None
+    if found is None:
+        return
+    path, name = found
+    where = {"path": path} if line is None else {"path": path, "line": line}
+    at = path if line is None else f"{path} on line {line}"
+    raise BodyError(
+        400,
+        "duplicate_key",
+        f"member name {name!r} repeats in {at}: names must be unique (RFC 7493)",
+        **where,
+    )
+
+
+def _parse_ndjson(body: bytes, unique: bool) -> Payloads:
     lines: list[bytes] = []
     loads = orjson.loads
     for number, line in enumerate(body.split(b"\n"), 1):
@@ -224,5 +282,9 @@ def _parse_ndjson(body: bytes) -> Payloads:
                 line=number,
             )
         lines.append(line)
+    if unique and not members_unique(body):  # the splitter is unsure: find the line
+        for number, line in enumerate(body.split(b"\n"), 1):
+            if line.strip():
+                _refuse_repeated_names(line, True, number)
     lines.append(b"")
     return Payloads(b"\n".join(lines), len(lines) - 1)

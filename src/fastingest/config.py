@@ -248,6 +248,15 @@ class Settings:
         str,
         ("zstd", "gzip", "none"),
     )
+    duplicate_keys: str = option(
+        "refuse",
+        "--duplicate-keys",
+        ("FASTINGEST_DUPLICATE_KEYS",),
+        "a payload object that repeats a member name: refuse (400) or allow (stored as "
+        "sent); a collection's own names never repeat",
+        str,
+        ("refuse", "allow"),
+    )
     max_body_bytes: int = option(
         1024 * 1024,
         "--max-body-bytes",

@@ -171,6 +171,7 @@ class Endpoints:
         self.tokens = [t.encode() for t in settings.tokens()]
         self.idempotency = IdempotencyCache(settings.idempotency_window)
         self.max_body_bytes = settings.max_body_bytes
+        self.unique_names = settings.duplicate_keys == "refuse"
         self.max_inflight_bytes = settings.max_inflight_bytes
         self.inflight = 0  # body bytes the front ends are receiving now, all connections
         self._bytes_in = metrics.tally(metrics.BYTES_IN)
@@ -235,7 +236,7 @@ class Endpoints:
     def _body_token(self, headers: Headers, raw: bytes) -> None:
         """Refusal (401, or why the body is unreadable) unless its token is accepted."""
         body = decompress(raw, headers.get("content-encoding", ""), self.max_body_bytes)
-        payloads = parse(body, media_type(headers.get("content-type")))
+        payloads = parse(body, media_type(headers.get("content-type")), self.unique_names)
         if not _authorized(payloads.token, self.tokens):
             raise Refusal(
                 401,
@@ -262,7 +263,7 @@ class Endpoints:
         self._bytes_in.n += len(raw)
         limit = self.max_body_bytes
         body = decompress(raw, headers.get("content-encoding", ""), limit)
-        payloads = parse(body, media_type(headers.get("content-type")))
+        payloads = parse(body, media_type(headers.get("content-type")), self.unique_names)
         if self.tokens and not headers.get("authorization"):
             if not _authorized(payloads.token, self.tokens):
                 raise Refusal(

@@ -23,7 +23,7 @@ class Refusal(Exception):
     Both front ends answer it the same way (``endpoints.refusal``).
     """
 
-    def __init__(self, status: int, error: str, detail: str, **where: int) -> None:
+    def __init__(self, status: int, error: str, detail: str, **where: int | str) -> None:
         super().__init__(detail)
         self.status = status
         self.error = error
