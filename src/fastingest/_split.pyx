@@ -167,15 +167,33 @@ cdef inline Py_ssize_t _literal(cstr s, Py_ssize_t i, Py_ssize_t n, const char* 
     return -1
 
 
-cdef inline bint _named_before(cstr s, Span* names, int count, Py_ssize_t start,
-                               Py_ssize_t end) noexcept nogil:
-    """Whether s[start:end] is one of the `count` names already seen in this object."""
+cdef struct Names:
+    Span spans[MAX_MEMBERS]
+    int count
+    unsigned long long seen  # one bit per (length, first and last byte) class seen so far
+
+
+cdef inline bint _repeats(cstr s, Names* names, Py_ssize_t start, Py_ssize_t end) noexcept nogil:
+    """Whether s[start:end] is a name this object already has; then it is added.
+
+    The caller checks there is room. Most names fall in a class no earlier name did,
+    so they are not compared with any (a 64-bit set of classes, as in a Bloom filter).
+    """
     cdef int k
     cdef Py_ssize_t size = end - start
-    for k in range(count):
-        if names[k].end - names[k].start == size and memcmp(s + names[k].start, s + start, size) == 0:
-            return True
-    return False
+    cdef unsigned long long bit = 1ULL << ((size * 7 + (s[start] + s[end - 1] if size else 0)) & 63)
+    cdef bint found = False
+    if names.seen & bit:
+        for k in range(names.count):
+            if (names.spans[k].end - names.spans[k].start == size
+                    and memcmp(s + names.spans[k].start, s + start, size) == 0):
+                found = True
+                break
+    names.seen |= bit
+    names.spans[names.count].start = start
+    names.spans[names.count].end = end
+    names.count += 1
+    return found
 
 
 cdef Py_ssize_t _value(cstr s, Py_ssize_t i, Py_ssize_t n, int depth, bint unique) noexcept nogil:
@@ -202,9 +220,10 @@ cdef Py_ssize_t _value(cstr s, Py_ssize_t i, Py_ssize_t n, int depth, bint uniqu
 
 cdef Py_ssize_t _object(cstr s, Py_ssize_t i, Py_ssize_t n, int depth,
                         bint unique) noexcept nogil:
-    cdef Span names[MAX_MEMBERS]
-    cdef int count = 0
+    cdef Names names
     cdef Py_ssize_t end
+    names.count = 0
+    names.seen = 0
     i = _ws(s, i + 1, n)
     if i < n and s[i] == 0x7D:
         return i + 1
@@ -214,13 +233,9 @@ cdef Py_ssize_t _object(cstr s, Py_ssize_t i, Py_ssize_t n, int depth,
         end = _string(s, i, n)
         if end < 0:
             return -1
-        if unique:
-            if (count == MAX_MEMBERS or memchr(s + i + 1, 0x5C, end - i - 2) != NULL
-                    or _named_before(s, names, count, i + 1, end - 1)):
-                return -1
-            names[count].start = i + 1
-            names[count].end = end - 1
-            count += 1
+        if unique and (names.count == MAX_MEMBERS or memchr(s + i + 1, 0x5C, end - i - 2) != NULL
+                       or _repeats(s, &names, i + 1, end - 1)):
+            return -1
         i = _ws(s, end, n)
         if i >= n or s[i] != 0x3A:  # :
             return -1
@@ -287,9 +302,10 @@ cdef Py_ssize_t _collection(cstr s, Py_ssize_t i, Py_ssize_t n, char* out, Py_ss
     """
     cdef Py_ssize_t end, key_size
     cdef cstr key
-    cdef Span names[MAX_MEMBERS]
-    cdef int named = 0
+    cdef Names names
     cdef bint repeated = False
+    names.count = 0
+    names.seen = 0
     i = _ws(s, i + 1, n)
     if i < n and s[i] == 0x7D:
         return i + 1
@@ -297,12 +313,9 @@ cdef Py_ssize_t _collection(cstr s, Py_ssize_t i, Py_ssize_t n, char* out, Py_ss
         if i >= n or s[i] != 0x22:
             return -1
         end = _string(s, i, n)
-        if end < 0 or memchr(s + i + 1, 0x5C, end - i - 2) != NULL or named == MAX_MEMBERS:
+        if end < 0 or memchr(s + i + 1, 0x5C, end - i - 2) != NULL or names.count == MAX_MEMBERS:
             return -1  # invalid, a key written with an escape, or too many to check
-        repeated = repeated or _named_before(s, names, named, i + 1, end - 1)
-        names[named].start = i + 1
-        names[named].end = end - 1
-        named += 1
+        repeated = _repeats(s, &names, i + 1, end - 1) or repeated
         key = s + i + 1
         key_size = end - i - 2
         i = _ws(s, end, n)
