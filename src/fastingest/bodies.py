@@ -34,8 +34,8 @@ from fastingest.errors import Refusal
 from fastingest.split import members_unique, split_payloads
 
 # An integer of 19 or more digits may lie outside [-2**63, 2**64), which orjson reads as a float.
-# Found by mapping every digit to "0" and searching for 19 of them: one C pass over the body,
-# where the regex \d{19,} restarted at every digit and cost 4 µs per 300-byte payload.
+# Found by mapping every digit to "0" and searching for 19 of them: one C pass over the body
+# (a regex \d{19,} restarts at every digit).
 _DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x2E for byte in range(256))
 _LONG_DIGIT_RUN = b"0" * 19
 JSON_TYPES = frozenset({"application/json"})

@@ -103,9 +103,9 @@ PAYLOADS_HELD = Gauge(
 
 
 # Counts made on the event loop for every request wait in a Tally as a plain number: a
-# Prometheus increment takes a lock, and under --processes writes to an mmap (1-2 µs
-# each, several per request). A hot path keeps its counter's Tally and adds to ``n``:
-# an attribute increment, 39 ns here against 178 ns for a call to add(). flush() hands the
+# Prometheus increment takes a lock, and under --processes writes to an mmap, several
+# times per request. A hot path keeps its counter's Tally and adds to ``n``: an
+# attribute increment, a fraction of a call to add(). flush() hands the
 # numbers over: the batcher does at every round (so a payload is counted as accepted
 # before it can be counted as uploaded), the server every second and at exit, and
 # every exposition before it renders.

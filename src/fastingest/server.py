@@ -101,8 +101,8 @@ async def _serve_until(stop: asyncio.Event, settings: Settings) -> None:
         http,
     )
     # What start-up made (modules, botocore's service models, the spool replay's records)
-    # lives as long as the process: a full collection walking it held the event loop for
-    # 54 ms under load, with every request in flight waiting. Leave it out of collections.
+    # lives as long as the process: a full collection walking it holds the event loop for
+    # tens of milliseconds, with every request in flight waiting. Leave it out of collections.
     gc.freeze()
     gauges = loop.create_task(_refresh_gauges(pipeline, stop))
     await stop.wait()

@@ -495,8 +495,8 @@ class _Syncer:
     """The thread that writes and fsyncs the spool's groups, one at a time.
 
     Its own thread and queue rather than ``asyncio.to_thread``: a hop costs the event loop
-    about 6 µs of CPU here against the executor's 18 (uvloop, one core), once per group
-    commit, which at ``durable`` is about a thousand times a second.
+    a third of the executor's (bench/README.md, ack levels), once per group commit, which
+    at ``durable`` is about a thousand times a second.
     """
 
     def __init__(self) -> None:

@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from zlib_ng.zlib_ng import crc32  # zlib's CRC-32 with SIMD: 356 B in 109 ns, zlib's 371
+from zlib_ng.zlib_ng import crc32  # zlib's CRC-32 with SIMD, several times zlib's speed
 
 log = logging.getLogger("fastingest.spool")
 

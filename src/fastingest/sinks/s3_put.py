@@ -38,8 +38,8 @@ from fastingest.batching import Upload
 log = logging.getLogger("fastingest.sinks.s3")
 
 PROBE_KEY = "fastingest-probe"
-# 128 KiB is about 0.03 ms of socket write on loopback: the loop gets a turn
-# between slices rather than after the whole body.
+# A slice is a short socket write: the loop gets a turn between slices rather than
+# after the whole body.
 SLICE_BYTES = 128 * 1024
 _ERROR_CODE = re.compile(rb"<Code>([^<]{1,64})</Code>")
 _AUTHORIZATION = re.compile(
