@@ -377,6 +377,28 @@ def test_a_client_that_never_reads_is_bounded_then_closed(tmp_path, front):
     assert server.stop() == 0
 
 
+def test_answers_a_client_does_not_take_are_dropped_after_the_write_timeout(tmp_path, front):
+    """Only the write timeout can end this connection: every request arrived whole (no
+    408 is due) and the keep-alive timeout is a minute away. Each front drops a
+    connection whose answers have waited longer than the request timeout."""
+    args = ["--request-timeout", "1", "--keepalive-timeout", "60"]
+    server = Server(*args, cwd=tmp_path, front=front)
+    # 64 bytes a request: whole requests fill every slice the front parses at a time.
+    one = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 21 + b"\r\n\r\n"
+    assert len(one) == 64
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(one * 512)  # 32 KiB: one segment on loopback; megabytes of answers
+        client = s.getsockname()[1]
+        started = time.monotonic()
+        while _server_holds(server.port, client) and time.monotonic() - started < 20:
+            time.sleep(0.25)
+        took = time.monotonic() - started
+        assert not _server_holds(server.port, client), "answers never taken must be dropped"
+        assert took < 15, f"closed after {took:.1f}s: by the keep-alive timeout, not the write's"
+    assert server.stop() == 0
+
+
 def _server_holds(port: int, client: int) -> bool:
     """Whether a socket on `port` still has a connection to the client's port open."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
