@@ -148,3 +148,18 @@ def test_names_that_only_look_alike_are_not_repeats():
     ]:
         assert parse(body, JSON).count == 1
     assert parse(b'{"a":1}\n{"a":2}\n', NDJSON).count == 2
+
+
+@pytest.mark.parametrize("depth", [300, 1000])
+def test_a_payload_too_deep_to_re_serialise_or_check_is_refused_not_a_failure(depth):
+    nested = b"[" * depth + b"]" * depth
+    for body in (b'[{"a":' + nested + b"}]", b'{"a":\n' + nested + b"}"):  # the orjson path
+        with pytest.raises(BodyError) as caught:
+            parse(body, JSON)
+        assert (caught.value.status, caught.value.error) == (400, "too_deep")
+    one_line = b'{"a":' + nested + b"}\n"
+    if depth < 900:  # NDJSON is stored as sent: only the name check parses it
+        assert parse(one_line, NDJSON).chunk == one_line
+    else:
+        with pytest.raises(BodyError, match="too deeply"):
+            parse(one_line, NDJSON)

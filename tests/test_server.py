@@ -219,6 +219,16 @@ BAD = [
         "duplicate_key",
     ),
     (
+        "a payload too deep to re-serialise",  # orjson writes 254 levels at most
+        "POST",
+        "/ingest",
+        b'[{"a":' + b"[" * 300 + b"]" * 300 + b"}]",
+        "application/json",
+        {},
+        400,
+        "too_deep",
+    ),
+    (
         "ndjson array line",
         "POST",
         "/ingest",

@@ -38,6 +38,7 @@ from fastingest.split import members_unique, split_payloads
 # (a regex \d{19,} restarts at every digit).
 _DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x2E for byte in range(256))
 _LONG_DIGIT_RUN = b"0" * 19
+ORJSON_MAX_DEPTH = 254  # containers orjson writes at most
 JSON_TYPES = frozenset({"application/json"})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
 
@@ -171,7 +172,7 @@ def _parse_json(body: bytes, unique: bool) -> Payloads:
         raw = body.strip()
         if b"\n" in raw or b"\r" in raw:  # NDJSON needs one line per payload
             _check_integers(body)
-            raw = orjson.dumps(doc)
+            raw = _dumps(doc)
         return Payloads(raw + b"\n", 1)
     if type(doc) is list:
         return Payloads(*_join(doc, "array", body))
@@ -200,11 +201,27 @@ def _check_integers(body: bytes) -> None:
         json.loads(body, parse_int=_int64)  # exact integers; the body is already valid JSON
 
 
+def _dumps(payload: Any) -> bytes:
+    """A payload re-serialised, or BodyError if it nests deeper than orjson writes."""
+    try:
+        return orjson.dumps(payload)
+    except orjson.JSONEncodeError:
+        raise _too_deep() from None
+
+
+def _too_deep() -> BodyError:
+    return BodyError(
+        400,
+        "too_deep",
+        "a payload nests too deeply to be re-serialised or checked (orjson writes at most "
+        f"{ORJSON_MAX_DEPTH} containers deep)",
+    )
+
+
 def _join(items: list[Any], field: str, body: bytes) -> tuple[bytes, int]:
     if not items:
         raise BodyError(422, "no_payloads", f"{field} holds no payloads")
     _check_integers(body)
-    dumps = orjson.dumps
     parts = []
     for i, item in enumerate(items):
         if type(item) is not dict:
@@ -214,7 +231,7 @@ def _join(items: list[Any], field: str, body: bytes) -> tuple[bytes, int]:
                 f"{field}[{i}] is {_json_type(item)}, not an object",
                 index=i,
             )
-        parts.append(dumps(item))
+        parts.append(_dumps(item))
     parts.append(b"")
     return b"\n".join(parts), len(items)
 
@@ -249,9 +266,7 @@ def _refuse_repeated_names(text: bytes, nested: bool, line: int | None = None) -
     try:
         found = _repeated(json.loads(text, object_pairs_hook=_Members), "$", nested)
     except RecursionError:
-        raise BodyError(
-            400, "too_deep", "the body nests too deeply to check its member names"
-        ) from None
+        raise _too_deep() from None
     if found is None:
         return
     path, name = found
