@@ -1,6 +1,10 @@
-"""bodies.parse on its own: what is stored for each body shape, and integers past 64 bits."""
+"""bodies.parse on its own: what is stored for each body shape, integers past 64 bits,
+repeated member names, and that any body gives payloads or a refusal."""
 
 from __future__ import annotations
+
+import json
+from typing import Any
 
 import orjson
 import pytest
@@ -163,3 +167,47 @@ def test_a_payload_too_deep_to_re_serialise_or_check_is_refused_not_a_failure(de
     else:
         with pytest.raises(BodyError, match="too deeply"):
             parse(one_line, NDJSON)
+
+
+# Objects as member lists, so that names may repeat; rendered on one line or several.
+NAMES = st.sampled_from(["a", "b", "id", "data", "token", "\\u0061", "é"])
+LEAVES = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(-1e300, 1e300)
+TREES = st.recursive(
+    LEAVES | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.lists(st.tuples(NAMES, inner), max_size=3),
+    max_leaves=10,
+)
+
+
+def _render(value: Any, newline: bool) -> str:
+    sep = ",\n" if newline else ","
+    if isinstance(value, list) and value and all(isinstance(v, tuple) for v in value):
+        return "{" + sep.join(f'"{k}":{_render(v, newline)}' for k, v in value) + "}"
+    if isinstance(value, list):
+        return "[" + sep.join(_render(v, newline) for v in value) + "]"
+    return json.dumps(value)
+
+
+@given(
+    st.lists(TREES, min_size=1, max_size=3),
+    st.integers(0, 300),
+    st.booleans(),
+    st.sampled_from(["array", "collection", "ndjson"]),
+    st.booleans(),
+)
+def test_any_body_is_payloads_or_a_refusal(trees, depth, newline, form, unique):
+    payloads = ["[" * depth + _render(t, newline) + "]" * depth for t in trees]
+    payloads = [p if p.startswith("{") else '{"p":' + p + "}" for p in payloads]
+    if form == "ndjson":
+        body, kind = "\n".join(p.replace("\n", " ") for p in payloads), NDJSON
+    elif form == "array":
+        body, kind = "[" + ",".join(payloads) + "]", JSON
+    else:
+        body, kind = '{"data":[' + ",".join(payloads) + "]}", JSON
+    try:
+        got = parse(body.encode(), kind, unique)
+    except BodyError:
+        return
+    lines = got.chunk.split(b"\n")
+    assert lines[-1] == b"" and len(lines) - 1 == got.count == len(payloads)
+    assert all(type(orjson.loads(line)) is dict for line in lines[:-1])
