@@ -17,8 +17,8 @@ Member names must not repeat within an object (I-JSON, RFC 7493): readers disagr
 which of two values they keep. A collection that repeats one of its own names is
 always refused; a payload that repeats one is refused unless ``--duplicate-keys
 allow``, which stores it as sent. The splitter checks names in its one pass; a body it
-is unsure of is checked here with the stdlib parser (about 3x orjson's time), which
-also says where.
+is unsure of is checked here with the stdlib parser (several times orjson's time),
+which also says where.
 """
 
 from __future__ import annotations
