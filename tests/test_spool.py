@@ -10,7 +10,7 @@ import zlib
 import pytest
 
 from fastingest.spool import Spool, SpoolError, _new_segment
-from fastingest.spool_records import BATCH, DATA, Marker, frame
+from fastingest.spool_records import BATCH, DATA, Marker, head
 
 
 def run(coro):
@@ -23,6 +23,11 @@ async def fill(spool: Spool, chunks: list[bytes], start: int = 0) -> int:
         ticket = spool.append(DATA, start + i, 1700000000.0 + i, chunk)
     await spool.wait(ticket)
     return ticket
+
+
+def frame(kind: int, seq: int, ts: float, body: bytes) -> bytes:
+    """A whole record, as the spool writes it."""
+    return head(kind, seq, ts, body) + body
 
 
 MARKER = Marker(0, 9, "dt=x/key-0-9.ndjson.zst", "zstd", 1700000000.0, frozenset({3}))

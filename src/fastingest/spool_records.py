@@ -82,10 +82,6 @@ class Marker:
         return [s for s in range(self.first, self.last + 1) if s not in self.excluded]
 
 
-def frame(kind: int, seq: int, ts: float, body: bytes) -> bytes:
-    return head(kind, seq, ts, body) + body
-
-
 def head(kind: int, seq: int, ts: float, body: bytes) -> bytes:
     """A record's bytes before its body (the spool writes the two without joining them)."""
     meta = _META.pack(kind, seq, ts)
