@@ -7,11 +7,13 @@
 2. A Python base image made from the Debian mirror apt already uses (no image registry
    is needed), handed to the Dockerfile as PYTHON_IMAGE; --python-image names another.
 3. The image, tagged as deploy/k8s/deployment.yaml names it.
-4. The image run with the Deployment's arguments, user, read-only root and volume mount:
-   once on the local sink in a named volume, once on SeaweedFS over the host network.
-   Each run: /healthz and /readyz 200, the HEALTHCHECK reaches healthy, a POST to
-   /ingest gets 202, `docker stop` exits 0 within the grace period, and the payload is
-   read back from the volume or the bucket exactly once.
+4. The image run with the Deployment's arguments, environment, user, read-only root and
+   volume mount: once on the local sink in a named volume, once on SeaweedFS over the
+   host network (the manifest's sink prefix in a test bucket, the store's keys for its
+   Secret). Each run: /healthz and /readyz 200, the HEALTHCHECK reaches healthy, a POST
+   to /ingest gets 202 at the manifest's ack level, `docker stop` exits 0 within the
+   grace period, and the payload is read back from the volume or the bucket exactly
+   once.
 5. The checks can fail: the image run with a HEALTHCHECK that always fails must be
    reported unhealthy.
 
@@ -32,6 +34,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -195,6 +198,18 @@ def deployment() -> dict[str, Any]:
     return {"pod": pod, "container": container}
 
 
+def local_sink() -> dict[str, str]:
+    """The local sink on the data volume, in place of the manifest's S3 sink."""
+    mounts = deployment()["container"]["volumeMounts"]
+    (data,) = [m["mountPath"] for m in mounts if m["name"] == "data"]
+    return {"FASTINGEST_SINK": f"file://{data}/objects"}
+
+
+def manifest_env() -> dict[str, str]:
+    """The environment the Deployment sets (its Secret's keys come from the store)."""
+    return {e["name"]: str(e["value"]) for e in deployment()["container"].get("env", [])}
+
+
 def build(image: str, python_image: str) -> None:
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     if not image.endswith(f":{version}"):
@@ -207,17 +222,19 @@ def build(image: str, python_image: str) -> None:
 
 
 class Container:
-    """One `docker run -d` of the image as the Deployment runs it."""
+    """One `docker run -d` of the image as the Deployment runs it: its arguments, user,
+    read-only root and volume, and its environment with `env` over it."""
 
     def __init__(self, image: str, *options: str, env: dict[str, str] | None = None) -> None:
         spec = deployment()
         container = spec["container"]
+        self.env = {**manifest_env(), **(env or {})}
         self.grace = int(spec["pod"]["terminationGracePeriodSeconds"])
         (mount,) = [m for m in container["volumeMounts"] if m["name"] == "data"]
         self.mount = mount["mountPath"]
         self.name = f"fastingest-check-{uuid.uuid4().hex[:8]}"
         self.volume = self.name
-        flags = [f"--env={k}={v}" for k, v in (env or {}).items()]
+        flags = [f"--env={k}={v}" for k, v in self.env.items()]
         self.id = docker(
             "run", "--detach", f"--name={self.name}",
             "--user", str(spec["pod"]["securityContext"]["runAsUser"]),
@@ -282,6 +299,8 @@ def serve_and_stop(box: Container, port: int) -> None:
     )
     if status != 202:
         raise CheckFailed(f"POST /ingest answered {status}: {answer}")
+    if answer.get("ack") != box.env.get("FASTINGEST_ACK", "durable"):
+        raise CheckFailed(f"POST /ingest answered {answer}, not at ack {box.env['FASTINGEST_ACK']}")
     code, took = box.stop()
     if code != 0 or took >= box.grace:
         raise CheckFailed(f"docker stop: exit {code} after {took:.1f} s:\n{box.logs()}")
@@ -305,7 +324,7 @@ def landed_once(landed: dict[bytes, int], where: str) -> None:
 
 def check_local_sink(image: str) -> None:
     port = free_port()
-    box = Container(image, "--publish", f"127.0.0.1:{port}:8000")
+    box = Container(image, "--publish", f"127.0.0.1:{port}:8000", env=local_sink())
     try:
         serve_and_stop(box, port)
         data = docker("volume", "inspect", "--format", "{{.Mountpoint}}", box.volume).strip()
@@ -326,7 +345,8 @@ def check_s3(image: str) -> None:
             bucket = f"container-{uuid.uuid4().hex[:8]}"
             client.create_bucket(Bucket=bucket)
             port = free_port()
-            env = {**store.env(), "FASTINGEST_SINK": f"s3://{bucket}/raw",
+            prefix = urllib.parse.urlsplit(manifest_env()["FASTINGEST_SINK"]).path
+            env = {**store.env(), "FASTINGEST_SINK": f"s3://{bucket}{prefix}",
                    "FASTINGEST_LISTEN": f"127.0.0.1:{port}"}  # fmt: skip
             box = Container(image, "--network", "host", env=env)
             try:
@@ -345,7 +365,7 @@ def check_s3(image: str) -> None:
 def check_broken_healthcheck_fails(image: str) -> None:
     broken = ["--health-cmd", "python -c 'raise SystemExit(1)'", "--health-interval", "1s",
               "--health-retries", "1", "--health-start-period", "0s"]  # fmt: skip
-    box = Container(image, *broken)
+    box = Container(image, *broken, env=local_sink())
     try:
         box.wait_healthy(timeout=30)
     except CheckFailed:
