@@ -239,16 +239,17 @@ def dead_lettered(root: Path) -> tuple[Counter[bytes], list[dict[str, Any]]]:
 
 
 class S3Proxy:
-    """An HTTP proxy in front of moto that injects S3 failures, for fault tests.
+    """An HTTP proxy in front of an S3 store (moto or SeaweedFS) that injects failures,
+    for fault tests. Requests go through unchanged, Host included, so signatures hold.
 
     mode "pass": forward everything. "flaky": answer a share of requests 503
-    SlowDown without forwarding, and another share 500 *after* moto stored the
+    SlowDown without forwarding, and another share 500 *after* the store kept the
     object (the client then retries something that already exists). "down":
     drop every connection, as a stopped endpoint does. "blackhole": take the
     request and never answer (until the mode changes). "5xx": answer every
     request 500 InternalError. "delay": forward each request `delay` seconds
     late. `refuse`, where set, sees each PUT's headers and may answer (status,
-    S3 error code) instead of moto.
+    S3 error code) instead of the store.
     """
 
     def __init__(self, upstream: str, fail_before: float = 0.0, fail_after: float = 0.0) -> None:
