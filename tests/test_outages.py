@@ -39,17 +39,24 @@ def ready(server: Server) -> tuple[int, dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("failure", "outage"), [("down", 30.0), ("blackhole", 8.0), ("5xx", 8.0), ("delay", 8.0)]
+    ("failure", "outage", "store"),
+    [
+        ("down", 30.0, "moto"),
+        ("blackhole", 8.0, "moto"),
+        ("5xx", 8.0, "moto"),
+        ("delay", 8.0, "moto"),
+        ("down", 8.0, "seaweedfs"),  # signatures and If-None-Match checked by the store
+    ],
+    indirect=["store"],
 )
-def test_an_outage_under_load_is_ridden_out_in_the_spool(
-    tmp_path, s3, bucket, s3_env, moto_endpoint, failure, outage
-):
+def test_an_outage_under_load_is_ridden_out_in_the_spool(tmp_path, store, failure, outage):
     """Default settings. The store goes away under load and comes back: no client sees a
     503, /readyz stays 200, the stall and the recovery are logged once each, and every
     acknowledged payload lands once, with nothing dead-lettered."""
-    proxy = S3Proxy(moto_endpoint)
+    bucket = store.bucket()
+    proxy = S3Proxy(store.env["AWS_ENDPOINT_URL"])
     server = Server(
-        "--sink", f"s3://{bucket}", cwd=tmp_path, env={**s3_env, "AWS_ENDPOINT_URL": proxy.url}
+        "--sink", f"s3://{bucket}", cwd=tmp_path, env={**store.env, "AWS_ENDPOINT_URL": proxy.url}
     )
     acked: list[bytes] = []
     statuses: Counter[int] = Counter()
@@ -93,7 +100,11 @@ def test_an_outage_under_load_is_ridden_out_in_the_spool(
     asyncio.run(
         load(server.port, tag="after", seconds=1, acked=acked, statuses=statuses, clients=4)
     )
-    assert wait_until(lambda: sum(landed_s3(s3, bucket)[0].values()) >= len(acked), timeout=90)
+
+    def landed() -> Counter[bytes]:
+        return landed_s3(store.client, bucket)[0]
+
+    assert wait_until(lambda: sum(landed().values()) >= len(acked), timeout=90)
     m = scrape(server)
     assert value(m, "fastingest_sink_up") == 1
     assert server.stop() == 0
@@ -102,7 +113,7 @@ def test_an_outage_under_load_is_ridden_out_in_the_spool(
     assert set(readiness) == {200}, readiness
     assert server.text.count("DELIVERY STALLED") == server.text.count("delivery resumed") == noticed
     assert "dead-lettered 0" in server.text
-    assert_exactly_once(landed_s3(s3, bucket)[0], acked)
+    assert_exactly_once(landed(), acked)
     assert not (tmp_path / "fastingest-data" / "dead-letter").exists()
 
 
