@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from fastingest import metrics
-from fastingest.bodies import BodyError, decompress, parse
+from fastingest.bodies import BodyError, Payloads, decompress, parse
 from fastingest.config import ACK_LEVELS, Settings
 from fastingest.errors import QueueClosed, QueueFull, Refusal
 from fastingest.idempotency import IdempotencyCache
@@ -227,22 +227,25 @@ class Endpoints:
                 )
             if self.tokens and not headers.get("authorization"):
                 try:  # a replay answers from the cache: authorise before looking the key up
-                    self._body_token(headers, body)
+                    self._payloads(headers, body)
                 except Refusal as exc:
                     return refusal(exc)
             return self._idempotent(key, headers, body, ack)
         return self._ingest(headers, body, ack)
 
-    def _body_token(self, headers: Headers, raw: bytes) -> None:
-        """Refusal (401, or why the body is unreadable) unless its token is accepted."""
+    def _payloads(self, headers: Headers, raw: bytes) -> Payloads:
+        """The body's payloads; Refusal if it is unreadable, or (401) if it must carry an
+        accepted token and does not."""
         body = decompress(raw, headers.get("content-encoding", ""), self.max_body_bytes)
         payloads = parse(body, media_type(headers.get("content-type")), self.unique_names)
-        if not _authorized(payloads.token, self.tokens):
-            raise Refusal(
-                401,
-                "unauthorized",
-                "send Authorization: Bearer <token> or the collection's token field",
-            )
+        if self.tokens and not headers.get("authorization"):
+            if not _authorized(payloads.token, self.tokens):
+                raise Refusal(
+                    401,
+                    "unauthorized",
+                    "send Authorization: Bearer <token> or the collection's token field",
+                )
+        return payloads
 
     def _ingest(self, headers: Headers, body: bytes, ack: str) -> Answer | asyncio.Future[Answer]:
         try:
@@ -261,16 +264,7 @@ class Endpoints:
     ) -> tuple[int, int, asyncio.Future[bool] | None]:
         """Queue the body's payloads: their count, the spool ticket, the upload's future."""
         self._bytes_in.n += len(raw)
-        limit = self.max_body_bytes
-        body = decompress(raw, headers.get("content-encoding", ""), limit)
-        payloads = parse(body, media_type(headers.get("content-type")), self.unique_names)
-        if self.tokens and not headers.get("authorization"):
-            if not _authorized(payloads.token, self.tokens):
-                raise Refusal(
-                    401,
-                    "unauthorized",
-                    "send Authorization: Bearer <token> or the collection's token field",
-                )
+        payloads = self._payloads(headers, raw)
         try:
             ticket, stored = self.pipeline.submit(
                 payloads.chunk,

@@ -2,9 +2,9 @@
 
 botocore runs every PutObject through parameter validation, endpoint rules, a
 user agent rebuilt from scratch, a dozen event hooks, the signer and a response
-parser: about 4 ms of event-loop CPU per PUT, in steps of up to 1.5 ms that every
-request in flight waits out (1.6 MB bodies, against moto). The sink puts the same
-few headers on every object, so this module does only what changes from one PUT
+parser: milliseconds of event-loop CPU per PUT, in steps that every request in
+flight waits out (bench/README.md, put_bench). The sink puts the same few headers
+on every object, so this module does only what changes from one PUT
 to the next: it signs with botocore's own S3 SigV4 signer, given the body's
 SHA-256 that the encoder already computed, and sends over the client's own HTTP
 session, so proxies, TLS settings, timeouts and the connection pool stay the
