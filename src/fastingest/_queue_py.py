@@ -12,7 +12,7 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 from fastingest.errors import QueueClosed, QueueEmpty, QueueFull
@@ -266,7 +266,7 @@ class RingQueue(Generic[T]):
                 return
             if rc == CLOSED:
                 raise QueueClosed("queue is closed")
-            await self._park(self._putters)
+            await self._park(self._putters, lambda: self._closed or self._fits(size))
 
     async def aget(self) -> T:
         while True:
@@ -275,24 +275,36 @@ class RingQueue(Generic[T]):
                 return item  # type: ignore[return-value]
             if closed:
                 raise QueueClosed("queue is closed and drained")
-            await self._park(self._getters)
+            await self._park(self._getters, self._gettable)
 
     async def aget_many(self, max_items: int, max_bytes: int | None = None) -> list[T]:
         while True:
             items = self.get_many(max_items, max_bytes)
             if items:
                 return items
-            await self._park(self._getters)
+            await self._park(self._getters, self._gettable)
+
+    def _gettable(self) -> bool:
+        return bool(self._items) or self._closed
 
     @staticmethod
-    async def _park(waiters: deque[asyncio.Future[None]]) -> None:
+    async def _park(waiters: deque[asyncio.Future[None]], ready: Callable[[], bool]) -> None:
+        """Wait in `waiters` until the other side wakes this task.
+
+        A thread may make room (or add an item) after the caller looked and before this
+        task is in `waiters`, and then wakes nobody; so `ready()` is asked once more
+        after registering, and a task that is ready does not wait.
+        """
         fut = asyncio.get_running_loop().create_future()
         waiters.append(fut)
         try:
-            await fut
+            if not ready():
+                await fut
+                return
         except BaseException:
             _abandon(waiters, fut)
             raise
+        _abandon(waiters, fut)  # ready at once: out of the line, passing on any wake-up
 
     # --- lifecycle and introspection ------------------------------------------
 
