@@ -359,10 +359,12 @@ async def load(
     clients: int = 16,
     per_request: int = 10,
     headers: dict[str, str] | None = None,
+    fields: Callable[[int], bytes] | None = None,
 ) -> None:
     """POST collections from `clients` connections for `seconds` (or until the server is gone).
 
-    Payloads are {"id": "<tag>-<n>"}; those answered 202 go to `acked`.
+    Payloads are {"id": "<tag>-<n>"} (and what `fields(n)` adds, from its comma on); those
+    answered 202 go to `acked`.
     """
     import asyncio
 
@@ -375,7 +377,9 @@ async def load(
 
     async def client(session: aiohttp.ClientSession) -> None:
         while time.monotonic() < deadline:
-            batch = [b'{"id":"%s-%d"}' % (tag.encode(), next(counter)) for _ in range(per_request)]
+            numbers = [next(counter) for _ in range(per_request)]
+            more = fields or (lambda n: b"")
+            batch = [b'{"id":"%s-%d"%s}' % (tag.encode(), n, more(n)) for n in numbers]
             if sent is not None:
                 sent.extend(batch)
             body = b'{"version":1,"data":[' + b",".join(batch) + b"]}"

@@ -50,8 +50,9 @@ class Rig:
         """What Pipeline.submit does: spool the chunk, then queue it."""
         seq = self.seq
         self.seq += 1
-        self.spool.append(DATA, seq, time.time(), chunk, chunk.count(b"\n"))
-        self.batcher.put(chunk, chunk.count(b"\n"))
+        now = time.time()
+        self.spool.append(DATA, seq, now, chunk, chunk.count(b"\n"))
+        self.batcher.put(chunk, chunk.count(b"\n"), now)
         return seq
 
     def handed_over(self) -> list[Upload]:
@@ -162,5 +163,106 @@ def test_per_payload_mode_settles_a_chunk_with_its_last_object(tmp_path):
         rig.completion.done(uploads[2], True)
         assert stored.result() is True
         await rig.stop()
+
+    asyncio.run(main())
+
+
+def test_each_partition_has_its_own_batch_and_a_chunk_settles_with_its_last(tmp_path):
+    async def main() -> None:
+        rig = Rig(tmp_path, partition_by=("k",), batch_max_payloads=3, batch_max_age=60)
+        rig.start()
+        rig.submit(b'{"k":"a","n":0}\n{"k":"b","n":1}\n{"k":"a","n":2}\n')
+        rig.submit(b'{"k":"b","n":3}\n')
+        rig.submit(b'{"k":"a","n":4}\n{"n":5}\n')  # "a" reaches 3 payloads and closes
+        assert await until(lambda: rig.jobs.qsize() == 1)
+        (a,) = rig.handed_over()
+        assert a.key.startswith("k=a/dt=") and a.holds == (0, 2) and a.seqs == range(0, 3)
+        assert a.parts == [b'{"k":"a","n":0}\n', b'{"k":"a","n":2}\n', b'{"k":"a","n":4}\n']
+        # A client waiting for chunk 3 closes the batches holding it once the intake is dry.
+        stored = rig.completion.wait(rig.seq)
+        rig.submit(b'{"k":"b","n":6}\n')
+        assert await until(lambda: rig.jobs.qsize() == 1)
+        (b,) = rig.handed_over()
+        assert b.key.startswith("k=b/") and b.holds == (0, 1, 3) and b.payloads == 3
+        rig.completion.done(b, True)
+        assert stored.result() is True
+        await rig.stop()  # the last partition closes on the way out
+        (none,) = rig.handed_over()
+        assert none.key.startswith("k=__HIVE_DEFAULT_PARTITION__/") and none.holds == (2,)
+        # Chunk 0 has payloads in "a" and "b": it is stored with the later of the two.
+        assert rig.completion._parts_left == {0: 1, 2: 2}  # "b" is stored, "a" not yet
+        rig.completion.done(a, True)
+        assert rig.completion._parts_left == {2: 1}
+        # Each batch's marker names its partition, in the spool, under the key it was given.
+        records = Spool(Settings(data_dir=tmp_path).spool_path, 1 << 30).open()
+        markers = {r.batch.partition: r.batch for r in records if r.kind == BATCH}
+        assert {p: (m.first, m.last, m.key) for p, m in markers.items()} == {
+            u.partition: (u.seqs.start, u.seqs.stop - 1, u.key) for u in (a, b, none)
+        }
+
+    asyncio.run(main())
+
+
+def test_the_least_recently_written_partition_closes_first_past_the_bounds(tmp_path):
+    async def main() -> None:
+        rig = Rig(tmp_path, partition_by=("k",), max_open_partitions=2, batch_max_age=60)
+        rig.start()
+        for k in ["a", "b", "a", "c", "d"]:  # c closes b (a was written since); d closes a
+            rig.submit(b'{"k":"%s"}\n' % k.encode())
+        assert await until(lambda: rig.jobs.qsize() == 2)
+        assert [u.partition for u in rig.handed_over()] == ["k=b/", "k=a/"]
+        assert len(rig.batcher._partitions) == 2
+        await rig.stop()
+
+    asyncio.run(main())
+
+
+def test_open_partitions_share_a_byte_budget(tmp_path):
+    from fastingest.batcher import OPEN_BATCHES
+
+    async def main() -> None:
+        rig = Rig(tmp_path, partition_by=("k",), batch_max_bytes=64 * 1024, batch_max_age=60)
+        rig.start()
+        pad = "x" * 1000
+        for i in range(OPEN_BATCHES * 64 + 10):  # a distinct value each: all early closes
+            rig.submit(b'{"k":%d,"pad":"%s"}\n' % (i, pad.encode()))
+        assert await until(lambda: rig.jobs.qsize() >= 10)
+        held = sum(b.nbytes for b in rig.batcher._partitions.values())
+        assert held <= OPEN_BATCHES * 64 * 1024
+        await rig.stop()
+
+    asyncio.run(main())
+
+
+def test_a_partition_closes_on_its_own_age_while_others_are_written(tmp_path):
+    async def main() -> None:
+        rig = Rig(tmp_path, partition_by=("k",), batch_max_age=0.2)
+        rig.start()
+        rig.submit(b'{"k":"quiet"}\n')
+        deadline = time.monotonic() + 3
+        while rig.jobs.qsize() == 0 and time.monotonic() < deadline:
+            rig.submit(b'{"k":"busy"}\n')  # keeps the intake from running dry
+            await asyncio.sleep(0.005)
+        assert [u.partition for u in rig.handed_over()][:1] == ["k=quiet/"]
+        await rig.stop()
+
+    asyncio.run(main())
+
+
+def test_a_parquet_batch_is_left_for_a_seal_thread(tmp_path):
+    async def main() -> None:
+        rig = Rig(tmp_path, format="parquet", batch_max_age=60)
+        rig.start()
+        rig.submit(b'{"a":1}\n')
+        rig.submit(b"[2]\n")
+        await rig.stop()
+        (upload,) = rig.handed_over()
+        assert not upload.sha256 and upload.parts  # not converted on the event loop
+        assert upload.key.endswith(".parquet") and upload.rejects_key.startswith(
+            "format-conversion-failed/dt="
+        )
+        upload.seal()
+        assert [o.key for o in upload.objects()] == [upload.rejects_key, upload.key]
+        assert upload.metadata()["fastingest-payloads"] == "1" and upload.rejected == 1
 
     asyncio.run(main())

@@ -51,6 +51,21 @@ def test_a_marker_keeps_its_segment_until_its_batch_is_stored() -> None:
     assert ledger.freeable() is a
 
 
+def test_markers_sharing_a_first_seq_free_the_older_segment_only_once_all_are_stored() -> None:
+    # Partitions' batches that opened on the same chunk: nothing tells their markers apart.
+    ledger = Ledger()
+    a = segment(ledger, "a")
+    write(ledger, a, [0], markers=[0])
+    b = segment(ledger, "b")
+    write(ledger, b, [], markers=[0])
+    segment(ledger, "c")
+    ledger.stored([0])
+    ledger.stored([], marker=0)  # whichever of the two it was, "a" keeps the other's
+    assert (a.pending, b.pending) == (1, 0) and ledger.freeable() is None
+    ledger.stored([], marker=0)
+    assert ledger.freeable() is a
+
+
 def test_what_is_stored_before_it_is_written_is_not_left_pending() -> None:
     ledger = Ledger()
     a = segment(ledger, "a")

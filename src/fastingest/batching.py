@@ -18,25 +18,31 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from zlib_ng import zlib_ng
 
+from fastingest.parquet import REJECTS_PREFIX, reject_line
+from fastingest.partitions import hour_segments
+
 if TYPE_CHECKING:
+    from fastingest.parquet import ParquetWriter
+    from fastingest.partitions import Partitioner
     from fastingest.spool import Spool
 
 log = logging.getLogger("fastingest.batching")
 
 EXTENSIONS = {"gzip": ".ndjson.gz", "zstd": ".ndjson.zst", "none": ".ndjson"}
-
+PARQUET_EXTENSION = ".parquet"  # its pages are compressed, never the file
 
 CONTENT_TYPES = {
     "gzip": "application/gzip",
     "zstd": "application/zstd",
     "none": "application/x-ndjson",
 }
+PARQUET_TYPE = "application/vnd.apache.parquet"
 GZIP_LEVEL = 6
 # The ingest tier is CPU-bound: zstd -1 compresses JSON several times faster than gzip -6
 # (even zlib-ng's), into objects no larger.
@@ -95,11 +101,22 @@ class Encoder:
             self._out.append(out)
 
 
+def extension(fmt: str, compression: str) -> str:
+    return PARQUET_EXTENSION if fmt == "parquet" else EXTENSIONS[compression]
+
+
+def ndjson_compression(compression: str) -> str:
+    """The compression of NDJSON written beside Parquet objects (the rejects): snappy is
+    a page compression only."""
+    return compression if compression in EXTENSIONS else "zstd"
+
+
 class KeyMaker:
     """Object keys that are unique, and the same again when a spool is replayed.
 
-    ``<prefix>dt=YYYY-MM-DD/hour=HH/<host>-<spool>-e<epoch>-<first>-<last>.ndjson.gz``
-    for a batch of chunks first..last, and
+    ``<prefix>[<partition>]dt=YYYY-MM-DD/hour=HH/<host>-<spool>-e<epoch>-<first>-<last>.ndjson.gz``
+    for a batch of chunks first..last (``.parquet`` with ``--format parquet``; the
+    partition's segments carry the hour when it is the event time's), and
     ``<prefix>dt=YYYY-MM-DD/<host>-<spool>-e<epoch>-<seq>-<line>.json`` per payload.
     ``spool`` is the spool directory's id and ``epoch`` counts its starts, so keys
     never repeat across hosts, processes or restarts, yet a crashed process's
@@ -112,13 +129,24 @@ class KeyMaker:
         self.base = f"{host}-{spool_id}"
         self.epoch = epoch
 
-    def batch(self, opened: float, first: int, last: int, extension: str) -> str:
-        t = time.gmtime(opened)
-        day, hour = time.strftime("%Y-%m-%d", t), time.strftime("%H", t)
-        return (
-            f"{self.prefix}dt={day}/hour={hour}/"
-            f"{self.base}-e{self.epoch}-{first:012d}-{last:012d}{extension}"
-        )
+    def batch(
+        self,
+        opened: float,
+        first: int,
+        last: int,
+        extension: str,
+        partition: str = "",
+        *,
+        hours: bool = True,
+    ) -> str:
+        """`hours`: the arrival hour's segments follow the partition's (else it has its own)."""
+        where = partition + hour_segments(opened) if hours else partition
+        return f"{self.prefix}{where}{self.base}-e{self.epoch}-{first:012d}-{last:012d}{extension}"
+
+    def rejects(self, key: str, compression: str) -> str:
+        """Where the payloads of object `key` that do not fit its format go, as NDJSON."""
+        rest = key.removeprefix(self.prefix).removesuffix(PARQUET_EXTENSION)
+        return f"{self.prefix}{REJECTS_PREFIX}{rest}{EXTENSIONS[compression]}"
 
     def payload(self, received: float, seq: int, line: int, epoch: int | None = None) -> str:
         day = time.strftime("%Y-%m-%d", time.gmtime(received))
@@ -128,12 +156,16 @@ class KeyMaker:
 
 @dataclass(slots=True)
 class Upload:
-    """One object to store: built by the batcher, sealed and uploaded by a worker."""
+    """One object to store: built by the batcher, sealed and uploaded by a worker.
+
+    A Parquet batch may also hold the payloads that do not fit the format: sealing it
+    makes them a second object, ``rejects``, stored first, under ``REJECTS_PREFIX``.
+    """
 
     key: str
-    parts: list[bytes]  # NDJSON chunks to seal(), or the one payload; empty once sealed
+    parts: list[bytes]  # NDJSON chunks (or a partition's lines) to seal(); empty once sealed
     raw_size: int  # their bytes, uncompressed (known, not summed: a batch has ~10k parts)
-    payloads: int
+    payloads: int  # all it accounts for, the rejects' included
     first: float  # receive time of the first and last payload (epoch seconds)
     last: float
     content_type: str
@@ -143,8 +175,16 @@ class Upload:
     excluded: frozenset[int] = frozenset()  # seqs in `seqs` whose chunks it leaves out
     part: int = -1  # per-payload mode: the payload's line within its chunk
     body: bytes = b""  # compressed: by the batcher as the batch grew, or by seal()
-    sha256: str = ""  # of the body as stored, for downstream completeness checks
+    sha256: str = ""  # of the body as stored, for downstream completeness checks; "" unsealed
     content_md5: str = ""  # of the stored body, sent as Content-MD5
+    format: str = "ndjson"
+    writer: ParquetWriter | None = None  # for format "parquet"
+    rejects_key: str = ""
+    rejects: Upload | None = None  # set by seal(): the payloads the format did not take
+    partition: str = ""  # a partition's batch: only its payloads of the chunks it holds
+    partitioner: Partitioner | None = None  # finds them again when read back from the spool
+    holds: tuple[int, ...] | None = None  # a partition's batch: the chunks it has lines of
+    landed: set[str] = field(default_factory=set)  # keys stored already (rejects, then it)
 
     @classmethod
     def batch(
@@ -159,18 +199,25 @@ class Upload:
         payloads: int,
         excluded: frozenset[int] = frozenset(),
         sealed: tuple[bytes, str, str] = (b"", "", ""),
+        parts: list[bytes] | None = None,
+        writer: ParquetWriter | None = None,
+        rejects_key: str = "",
+        partition: str = "",
+        partitioner: Partitioner | None = None,
+        holds: tuple[int, ...] | None = None,
     ) -> Upload:
         """A batch of chunks `seqs` (its marker in the spool at the first): sealed, as the
-        batcher closes it, or to be read back from the spool and sealed by a worker."""
+        batcher closes an NDJSON batch; or `parts` to seal, or to be read back from the
+        spool and sealed by a worker."""
         body, sha256, content_md5 = sealed
         return cls(
             key,
-            [],
+            parts or [],
             raw_size,
             payloads,
             opened,
             last,
-            CONTENT_TYPES[compression],
+            CONTENT_TYPES[compression] if writer is None else PARQUET_TYPE,
             seqs,
             seqs.start,
             compression,
@@ -178,16 +225,63 @@ class Upload:
             body=body,
             sha256=sha256,
             content_md5=content_md5,
+            format="ndjson" if writer is None else "parquet",
+            writer=writer,
+            rejects_key=rejects_key,
+            partition=partition,
+            partitioner=partitioner,
+            holds=holds,
         )
 
+    @property
+    def chunks(self) -> Iterable[int]:
+        """The seqs of the chunks it has payloads of (excluded ones aside)."""
+        return self.seqs if self.holds is None else self.holds
+
     def seal(self) -> None:
-        """Join and compress what the batcher left unsealed (a replayed batch, a payload)."""
-        if self.body:
+        """Join and compress (or convert) what the batcher left unsealed: a replayed batch,
+        a partition's batch, a Parquet batch, a payload."""
+        if self.sha256:
             return
-        encoder = Encoder(self.compression)
-        encoder.feed(b"".join(self.parts))
-        self.body, self.sha256, self.content_md5 = encoder.finish()
+        if self.writer is None:
+            encoder = Encoder(self.compression)
+            encoder.feed(b"".join(self.parts))
+            self.body, self.sha256, self.content_md5 = encoder.finish()
+        else:
+            self._convert(self.writer)
         self.parts = []  # only the body is needed from here: free the chunks
+
+    def _convert(self, writer: ParquetWriter) -> None:
+        lines = [ln + b"\n" for part in self.parts for ln in part.split(b"\n")[:-1]]
+        self.body, _, misfits = writer.convert(lines)
+        self.sha256 = hashlib.sha256(self.body).hexdigest()
+        self.content_md5 = base64.b64encode(hashlib.md5(self.body).digest()).decode()
+        self.rejects = None
+        if misfits:
+            compression = ndjson_compression(self.compression)
+            rejects = Upload(
+                self.rejects_key,
+                [reject_line(line, why) for line, why in misfits],
+                0,
+                len(misfits),
+                self.first,
+                self.last,
+                CONTENT_TYPES[compression],
+                self.seqs,
+                compression=compression,
+            )
+            rejects.seal()
+            self.rejects = rejects
+
+    def objects(self) -> list[Upload]:
+        """What storing it writes, once sealed: the rejects first, then itself (a Parquet
+        batch of which no payload fit is its rejects alone)."""
+        main = [self] if self.writer is None or self.payloads > self.rejected else []
+        return [self.rejects, *main] if self.rejects is not None else main
+
+    @property
+    def rejected(self) -> int:
+        return 0 if self.rejects is None else self.rejects.payloads
 
     def on_disk(self, spool: Spool) -> bool:
         """Whether the spool holds every chunk of this object, so its bytes may be dropped."""
@@ -198,28 +292,36 @@ class Upload:
         self.parts = []
         self.body = b""
         self.sha256 = self.content_md5 = ""
+        self.rejects = None
 
     async def reload(self, spool: Spool) -> None:
         """Read this object's chunks back from the spool, to seal() again."""
         found = await spool.read(self.seqs.start, self.seqs.stop)
-        wanted = [s for s in self.seqs if s not in self.excluded]
+        wanted = [s for s in self.chunks if s not in self.excluded]
         missing = [s for s in wanted if s not in found]
         if missing:  # the ledger kept them: only damage on disk can get here
             log.error("%s: %d chunks are missing from the spool", self.key, len(missing))
-        chunks = [found[s][0] for s in wanted if s in found]
+        present = [s for s in wanted if s in found]
+        chunks = [found[s][0] for s in present]
         if self.part >= 0:  # one payload of its chunk
             chunks = [chunks[0].split(b"\n")[self.part]] if chunks else []
+        elif self.partitioner is not None:  # its partition's lines of each chunk
+            chunks = [
+                line
+                for s in present
+                for line in self.partitioner.select(found[s][0], found[s][1], self.partition)
+            ]
         self.parts = chunks
         self.raw_size = sum(len(c) for c in chunks)
         if self.part < 0:
             self.payloads = sum(c.count(b"\n") for c in chunks)
-            if times := [found[s][1] for s in wanted if s in found]:
+            if times := [found[s][1] for s in present]:
                 self.last = max(times)
 
     def metadata(self) -> dict[str, str]:
         """What a downstream job needs to check an object is complete."""
         return {
-            "fastingest-payloads": str(self.payloads),
+            "fastingest-payloads": str(self.payloads - self.rejected),
             "fastingest-sha256": self.sha256,
             "fastingest-first": _iso(self.first),
             "fastingest-last": _iso(self.last),
@@ -232,11 +334,13 @@ def _iso(ts: float) -> str:
 
 @dataclass(slots=True)
 class Batch:
-    """The open batch: chunks first..last appended until a threshold closes it.
+    """An open batch: chunks first..last appended until a threshold closes it.
 
-    Chunks wait in ``pending`` until ``encode()`` feeds them to the encoder: the
-    batcher calls it once per round, so the compressor gets a few KB per call
-    rather than one request's bytes.
+    An NDJSON batch of whole chunks is compressed as it grows: chunks wait in
+    ``pending`` until ``encode()`` feeds them to the encoder, which the batcher calls
+    once per round, so the compressor gets a few KB per call rather than one
+    request's bytes. A partition's batch (lines of many chunks, ``holds`` naming
+    them) and a Parquet batch keep their NDJSON for a seal thread.
     """
 
     opened: float
@@ -244,16 +348,23 @@ class Batch:
     max_bytes: int
     max_payloads: int
     compression: str
-    encoder: Encoder = field(init=False)
+    writer: ParquetWriter | None = None
+    partition: str = ""
+    partitioner: Partitioner | None = None
+    encoder: Encoder | None = field(init=False)
     pending: list[bytes] = field(default_factory=list)
     chunks: int = 0
     skipped: list[int] = field(default_factory=list)  # seqs in its range it leaves out
+    holds: list[int] = field(default_factory=list)  # a partition's batch: chunks it has lines of
     nbytes: int = 0
     payloads: int = 0
     last: float = 0.0
+    waiters: int = 0  # chunks in it whose clients wait for "uploaded"
+    closes_at: float = 0.0  # monotonic time its age closes it (partitions' batches)
 
     def __post_init__(self) -> None:
-        self.encoder = Encoder(self.compression)
+        streams = self.writer is None and self.partitioner is None
+        self.encoder = Encoder(self.compression) if streams else None
 
     def add(self, chunk: bytes, payloads: int, now: float) -> None:
         """Append a chunk of `payloads` lines (counted when it was accepted)."""
@@ -263,12 +374,20 @@ class Batch:
         self.payloads += payloads
         self.last = now
 
+    def add_lines(self, seq: int, lines: list[bytes], now: float) -> None:
+        """Append chunk `seq`'s lines of this batch's partition."""
+        self.pending += lines
+        self.holds.append(seq)
+        self.nbytes += sum(map(len, lines))
+        self.payloads += len(lines)
+        self.last = now
+
     def skip(self, seq: int) -> None:
-        """Chunk `seq`, next in line, is not part of this batch (its spool write was refused)."""
+        """Chunk `seq`, in its range, is not part of this batch (its spool write was refused)."""
         self.skipped.append(seq)
 
     def encode(self) -> None:
-        if self.pending:
+        if self.pending and self.encoder is not None:
             self.encoder.feed(b"".join(self.pending))
             self.pending = []
 
@@ -277,18 +396,38 @@ class Batch:
         return self.nbytes >= self.max_bytes or self.payloads >= self.max_payloads
 
     def close(self, keys: KeyMaker) -> Upload:
-        self.encode()
-        seqs = range(self.first, self.first + self.chunks + len(self.skipped))
+        last = self.holds[-1] if self.holds else self.first + self.chunks + len(self.skipped) - 1
+        seqs = range(self.first, last + 1)
+        key = keys.batch(
+            self.opened,
+            seqs.start,
+            seqs.stop - 1,
+            extension("ndjson" if self.writer is None else "parquet", self.compression),
+            self.partition,
+            hours=self.partitioner is None or not self.partitioner.by_event_time,
+        )
+        sealed = (b"", "", "")
+        if self.encoder is not None:
+            self.encode()
+            sealed = self.encoder.finish()
         return Upload.batch(
-            keys.batch(self.opened, seqs.start, seqs.stop - 1, EXTENSIONS[self.compression]),
+            key,
             seqs,
             self.compression,
             opened=self.opened,
             last=self.last,
             raw_size=self.nbytes,
             payloads=self.payloads,
-            excluded=frozenset(self.skipped),
-            sealed=self.encoder.finish(),
+            excluded=frozenset(s for s in self.skipped if s < seqs.stop),
+            sealed=sealed,
+            parts=self.pending if self.encoder is None else None,
+            writer=self.writer,
+            rejects_key=keys.rejects(key, ndjson_compression(self.compression))
+            if self.writer is not None
+            else "",
+            partition=self.partition,
+            partitioner=self.partitioner,
+            holds=tuple(self.holds) if self.partitioner is not None else None,
         )
 
 

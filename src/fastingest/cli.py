@@ -80,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format, settings.worker_index)
     try:
         check_sink_url(settings.sink_url)
+        settings.check()
     except ValueError as exc:
         print(f"fastingest: {exc}", file=sys.stderr)
         return EX_CONFIG

@@ -63,6 +63,22 @@ def _listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _fields(text: str) -> tuple[str, ...]:
+    from fastingest.partitions import parse_fields
+
+    try:
+        return parse_fields(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _time_field(text: str) -> str:
+    (field,) = _fields(text) or ("",)
+    if not field:
+        raise argparse.ArgumentTypeError("expected a field path")
+    return field
+
+
 @dataclass(frozen=True)
 class Option:
     """How a setting is given: its flag, its environment names, its help and parser."""
@@ -240,13 +256,52 @@ class Settings:
         "close a batch this many seconds after its first payload",
         _positive(float),
     )
+    format: str = option(
+        "ndjson",
+        "--format",
+        ("FASTINGEST_FORMAT",),
+        "batch objects as compressed NDJSON, or as Parquet (needs the parquet extra)",
+        str,
+        ("ndjson", "parquet"),
+    )
     compression: str = option(
         "zstd",
         "--compression",
         ("FASTINGEST_COMPRESSION",),
-        "compression of batch objects",
+        "compression of NDJSON objects, or of Parquet pages (snappy: Parquet only)",
         str,
-        ("zstd", "gzip", "none"),
+        ("zstd", "gzip", "snappy", "none"),
+    )
+    schema: Path | None = option(
+        None,
+        "--schema",
+        ("FASTINGEST_SCHEMA",),
+        "Parquet columns and types, a JSON field list (default: inferred per batch); "
+        "payloads that do not fit land under format-conversion-failed/",
+        Path,
+    )
+    partition_by: tuple[str, ...] = option(
+        (),
+        "--partition-by",
+        ("FASTINGEST_PARTITION_BY",),
+        "payload fields (dotted paths, comma-separated) whose values become field=value/ "
+        "key segments before dt=/hour=",
+        _fields,
+    )
+    time_field: str | None = option(
+        None,
+        "--time-field",
+        ("FASTINGEST_TIME_FIELD",),
+        "payload field with the event time (epoch s or ms, RFC 3339) for dt=/hour=, "
+        "instead of the arrival time",
+        _time_field,
+    )
+    max_open_partitions: int = option(
+        64,
+        "--max-open-partitions",
+        ("FASTINGEST_MAX_OPEN_PARTITIONS",),
+        "partitions with an open batch; past it the least recently written one closes",
+        _positive(int),
     )
     duplicate_keys: str = option(
         "refuse",
@@ -365,6 +420,24 @@ class Settings:
     @property
     def dead_letter_path(self) -> Path:
         return self.dead_letter_dir or self.data_dir / "dead-letter"
+
+    def check(self) -> None:
+        """ValueError when options do not go together (checked before serving)."""
+        if self.format == "parquet":
+            from fastingest.parquet import load_schema, require_pyarrow
+
+            require_pyarrow()
+            if self.mode != "batch":
+                raise ValueError("--format parquet needs --mode batch")
+            if self.schema is not None:
+                load_schema(self.schema)
+        else:
+            if self.compression == "snappy":
+                raise ValueError("--compression snappy is for --format parquet")
+            if self.schema is not None:
+                raise ValueError("--schema is for --format parquet")
+        if (self.partition_by or self.time_field) and self.mode != "batch":
+            raise ValueError("--partition-by and --time-field need --mode batch")
 
     def tokens(self) -> list[str]:
         """Every accepted token, from flags, environment and the token file.

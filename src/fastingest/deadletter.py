@@ -34,22 +34,24 @@ class DeadLetter:
 
         Blocking: call it in a thread.
         """
-        path = self.root / upload.key
-        info = {
-            "key": upload.key,
-            "payloads": upload.payloads,
-            "error": str(error),
-            "error_type": type(error).__name__ if isinstance(error, BaseException) else "",
-            "attempts": attempts,
-            "dead_lettered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "content_type": upload.content_type,
-            "metadata": upload.metadata(),
-            **upload.metadata(),
-        }
-        write_atomic(path, upload.body)
-        write_atomic(path.with_name(path.name + ERROR_SUFFIX), orjson.dumps(info))
-        fsync_tree(path.parent, self.root)
-        metrics.OBJECTS_DEAD.inc()
+        objects = upload.objects()
+        for obj in objects:  # a Parquet batch's rejects too, each under its own key
+            path = self.root / obj.key
+            info = {
+                "key": obj.key,
+                "payloads": obj.payloads - obj.rejected,
+                "error": str(error),
+                "error_type": type(error).__name__ if isinstance(error, BaseException) else "",
+                "attempts": attempts,
+                "dead_lettered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "content_type": obj.content_type,
+                "metadata": obj.metadata(),
+                **obj.metadata(),
+            }
+            write_atomic(path, obj.body)
+            write_atomic(path.with_name(path.name + ERROR_SUFFIX), orjson.dumps(info))
+            fsync_tree(path.parent, self.root)
+        metrics.OBJECTS_DEAD.inc(len(objects))
         metrics.PAYLOADS_DEAD.inc(upload.payloads)
         log.error(
             "dead-lettered %s (%d payloads) after %d attempts: %s",

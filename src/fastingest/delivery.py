@@ -119,7 +119,7 @@ class Delivery:
                 attempt += 1
                 tried = time.monotonic()
                 try:
-                    stored_now = await self.sink.put(upload)
+                    stored_now = await self._put(upload)
                     break
                 except SinkError as exc:
                     metrics.UPLOAD_RETRIES.labels(exc.kind).inc()
@@ -145,19 +145,31 @@ class Delivery:
             log.info("%s was already in the sink (stored before a restart)", upload.key)
             metrics.OBJECTS_ALREADY_STORED.inc()
         metrics.UPLOAD_SECONDS.observe(time.monotonic() - started)
-        metrics.OBJECTS_UPLOADED.inc()
+        objects = upload.objects()
+        metrics.OBJECTS_UPLOADED.inc(len(objects))
         metrics.PAYLOADS_UPLOADED.inc(upload.payloads)
-        metrics.BYTES_OUT.inc(len(upload.body))
+        metrics.PAYLOADS_UNCONVERTED.inc(upload.rejected)
+        metrics.BYTES_OUT.inc(sum(len(o.body) for o in objects))
         self._resumed()
         self._done(upload, True)
 
+    async def _put(self, upload: Upload) -> bool:
+        """Store each of `upload`'s objects not stored yet; False if all were there already."""
+        fresh = False
+        for obj in upload.objects():
+            if obj.key not in upload.landed:
+                fresh |= await self.sink.put(obj)
+                upload.landed.add(obj.key)
+        return fresh
+
     async def _load(self, upload: Upload) -> None:
-        """Give `upload` its body: read back from the spool if it was parked, then sealed."""
-        if upload.body:
+        """Give `upload` its body: read back from the spool if it was parked, then sealed
+        (or converted to Parquet, always in a seal thread)."""
+        if upload.sha256:
             return
         if not upload.parts:
             await upload.reload(self.spool)
-        if upload.raw_size > SEAL_IN_THREAD_BYTES:
+        if upload.raw_size > SEAL_IN_THREAD_BYTES or upload.writer is not None:
             await asyncio.get_running_loop().run_in_executor(self._sealer, upload.seal)
         else:
             upload.seal()
@@ -315,19 +327,20 @@ class Completion:
     def forget(self, seq: int) -> None:
         """Chunk `seq` is not delivered (its client got 503): nobody waits for it."""
         self._waiters.pop(seq, None)
+        self._parts_left.pop(seq, None)
 
     def split(self, seq: int, objects: int) -> None:
-        """Chunk `seq` is stored as `objects` objects (per-payload mode)."""
+        """Chunk `seq` is stored as `objects` objects (per-payload mode, partitions)."""
         if objects > 1:
             self._parts_left[seq] = objects
 
     def done(self, upload: Upload, uploaded: bool) -> None:
         """`upload` is stored (sink or dead letter)."""
         if not self._parts_left and not self._waiters:  # nothing to settle per seq
-            self.spool.stored(upload.seqs, marker=upload.marker)
+            self.spool.stored(upload.chunks, marker=upload.marker)
             return
         finished = []
-        for seq in upload.seqs:
+        for seq in upload.chunks:
             left = self._parts_left.get(seq)
             if left is not None and left > 1:
                 self._parts_left[seq] = left - 1

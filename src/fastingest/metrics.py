@@ -58,6 +58,18 @@ QUEUE_PAYLOADS = Gauge(
     "fastingest_queue_payloads", "payloads in the intake queue", multiprocess_mode="livesum"
 )
 BATCHES_CLOSED = Counter("fastingest_batches_closed", "batches closed (each becomes one object)")
+PARTITIONS_CLOSED_EARLY = Counter(
+    "fastingest_partitions_closed_early",
+    "partitions' batches closed before their thresholds: too many partitions or bytes open",
+)
+EVENT_TIME_FALLBACKS = Counter(
+    "fastingest_event_time_fallbacks",
+    "payloads partitioned by arrival time: their --time-field was missing or unreadable",
+)
+PAYLOADS_UNCONVERTED = Counter(
+    "fastingest_payloads_unconverted",
+    "payloads stored under format-conversion-failed/: they did not fit the Parquet schema",
+)
 QUEUE_BYTES = Gauge(
     "fastingest_queue_bytes", "payload bytes in the intake queue", multiprocess_mode="livesum"
 )

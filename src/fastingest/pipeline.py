@@ -98,6 +98,8 @@ class Pipeline:
     async def start(self) -> None:
         """Open the spool, start the workers, and put back what an earlier run left."""
         records = self.spool.open()
+        partitioner = self.batcher.partitioner
+        specs = self.spool.partitionings(partitioner.spec if partitioner else "", records)
         keys = KeyMaker(self.sink.prefix, self.spool.id, self.spool.epoch)
         seqs = [r.seq for r in records] + [r.batch.last for r in records if r.kind == BATCH]
         self._next_seq = max(seqs, default=-1) + 1
@@ -106,7 +108,7 @@ class Pipeline:
         self.delivery.start()
         self.pool.start()
         if records:
-            await replay(records, self.batcher)
+            await replay(records, self.batcher, specs)
 
     # --- intake -----------------------------------------------------------------
 
@@ -122,12 +124,13 @@ class Pipeline:
         QueueClosed or SpoolError.
         """
         self.spool.check(len(chunk))
-        self.batcher.put(chunk, payloads)
+        now = time.time()
+        self.batcher.put(chunk, payloads, now)
         self._accepted.n += payloads
         seq = self._next_seq
         self._next_seq += 1
         stored = self.completion.wait(seq) if want_upload else None
-        return self.spool.append(DATA, seq, time.time(), chunk, payloads, sync=sync), stored
+        return self.spool.append(DATA, seq, now, chunk, payloads, sync=sync), stored
 
     def when_durable(self, ticket: int, callback: Callable[[SpoolError | None], None]) -> None:
         """Call back once the chunk behind `ticket` is fsynced, with the SpoolError if not."""

@@ -47,6 +47,8 @@ import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import orjson
+
 from fastingest import metrics
 from fastingest.spool_ledger import Ledger, Segment
 from fastingest.spool_records import (
@@ -142,6 +144,25 @@ class Spool:
                 f"fastingest: cannot start a spool segment in {self.root}: {exc.strerror or exc}"
             ) from None
         return records
+
+    def partitionings(self, current: str, records: list[Record]) -> dict[int, str]:
+        """How each run with chunks in `records` split them into partitions (its spec; ""
+        for none), with this run's `current` kept durably first: a replay splits each
+        chunk as the run that took it did."""
+        epochs = {r.epoch for r in records}
+        kept: dict[int, str] = {}
+
+        def update(old: str) -> str:
+            known = orjson.loads(old) if old else {}
+            kept.update({int(e): spec for e, spec in known.items() if int(e) in epochs})
+            kept[self.epoch] = current
+            return orjson.dumps({str(e): kept[e] for e in sorted(kept)}).decode()
+
+        try:
+            self._state("partitioning", update)
+        except OSError as exc:
+            raise SystemExit(f"fastingest: cannot use the spool {self.root}: {exc}") from None
+        return kept
 
     def _lock(self) -> None:
         """Hold the directory for this process; name the holder if another one has it."""

@@ -62,7 +62,8 @@ class Ledger:
         self.segments: list[Segment] = []
         self.written_seq = -1  # the highest data seq written to a segment
         self._by_seq: list[tuple[int, Segment]] = []  # (first data seq, segment), ascending
-        self._marks: dict[int, Segment] = {}  # batch first seq -> segment of its marker
+        # batch first seq -> the segments of its markers (partitions' batches may share one)
+        self._marks: dict[int, list[Segment]] = {}
         self._early: set[tuple[int, int]] = set()  # (kind, seq) stored before it was written
 
     def load(self, seg: Segment, records: list[Record]) -> None:
@@ -94,7 +95,7 @@ class Ledger:
             data, markers = self._not_early(DATA, data), self._not_early(BATCH, markers)
         seg.pending += len(data) + len(markers)
         for seq in markers:
-            self._marks[seq] = seg
+            self._marks.setdefault(seq, []).append(seg)
 
     def _not_early(self, kind: int, seqs: list[int]) -> list[int]:
         kept = []
@@ -125,11 +126,15 @@ class Ledger:
                 seg.pending -= seg.overlap(start, stop)
                 i += 1
         if marker is not None:
-            holder = self._marks.pop(marker, None)
-            if holder is None:
+            holders = self._marks.get(marker)
+            if not holders:
                 self._early.add((BATCH, marker))
-            else:
-                holder.pending -= 1
+                return
+            # Markers sharing a first seq are told apart by nobody: settling the newest
+            # segment's first means an older segment is only freed once all of them are.
+            holders.pop().pending -= 1
+            if not holders:
+                del self._marks[marker]
 
     def freeable(self, *, active: bool = False) -> Segment | None:
         """The oldest segment if all of it is stored; the active one only if `active`."""

@@ -21,13 +21,13 @@ from zlib_ng.zlib_ng import crc32  # zlib's CRC-32 with SIMD, several times zlib
 
 log = logging.getLogger("fastingest.spool")
 
-MAGIC = b"FISPOOL2"
+MAGIC = b"FISPOOL3"
 SEGMENT_HEADER = struct.Struct("<8sI")  # magic, epoch
 _LENGTH_CRC = struct.Struct("<II")  # body length, crc32 of what follows
 _META = struct.Struct("<BQd")  # kind, seq, time
 RECORD = struct.Struct(_LENGTH_CRC.format + _META.format[1:])  # a record's head, as read
 CRC_FROM = _LENGTH_CRC.size  # the crc covers kind, seq, time and body
-_MARKER_HEAD = struct.Struct("<QB")  # last seq, length of the compression's name
+_MARKER_HEAD = struct.Struct("<QBBH")  # last seq; lengths of compression, format, partition
 EXCLUDED_AT = b"\x00"  # in a marker's body: the left-out seqs follow (keys never hold NUL)
 DATA, BATCH = 1, 2
 MAX_RECORD = 1 << 30
@@ -50,8 +50,8 @@ class Record:
 
 @dataclass(slots=True, frozen=True)
 class Marker:
-    """A closed batch as its BATCH record holds it: chunks first..last but `excluded`,
-    stored under `key` with `compression`."""
+    """A closed batch as its BATCH record holds it: the `partition`'s payloads of chunks
+    first..last but `excluded`, stored under `key` in `format` with `compression`."""
 
     first: int
     last: int
@@ -59,22 +59,28 @@ class Marker:
     compression: str
     opened: float
     excluded: frozenset[int] = frozenset()
+    format: str = "ndjson"
+    partition: str = ""  # its key segments (partitions.py); "" when not partitioned
 
     def pack(self) -> bytes:
-        name = self.compression.encode()
-        body = _MARKER_HEAD.pack(self.last, len(name)) + name + self.key.encode()
+        names = [self.compression.encode(), self.format.encode(), self.partition.encode()]
+        body = _MARKER_HEAD.pack(self.last, *map(len, names)) + b"".join(names) + self.key.encode()
         if self.excluded:
             body += EXCLUDED_AT + struct.pack(f"<{len(self.excluded)}Q", *sorted(self.excluded))
         return body
 
     @classmethod
     def unpack(cls, first: int, opened: float, body: bytes) -> Marker:
-        last, length = _MARKER_HEAD.unpack_from(body)
-        at = _MARKER_HEAD.size + length
-        compression = body[_MARKER_HEAD.size : at].decode()
+        last, *lengths = _MARKER_HEAD.unpack_from(body)
+        at = _MARKER_HEAD.size
+        names = []
+        for length in lengths:
+            names.append(body[at : at + length].decode())
+            at += length
+        compression, fmt, partition = names
         key, _, rest = body[at:].partition(EXCLUDED_AT)
         excluded = frozenset(struct.unpack(f"<{len(rest) // 8}Q", rest)) if rest else frozenset()
-        return cls(first, last, key.decode(), compression, opened, excluded)
+        return cls(first, last, key.decode(), compression, opened, excluded, fmt, partition)
 
     @property
     def seqs(self) -> list[int]:

@@ -1,0 +1,296 @@
+"""NDJSON batches -> Parquet objects (``--format parquet``), and the payloads that do not fit.
+
+A closed batch's NDJSON is read by pyarrow's JSON reader in one block, so the
+schema is inferred from the whole batch (or fixed by ``--schema``), and written as
+one Parquet file: zstd (or snappy, gzip, none) pages, no compression around the
+file, timestamps in microseconds, row groups of at most ``ROW_GROUP_ROWS``.
+It runs in the seal threads, never on the event loop; pyarrow drops the GIL.
+
+A payload that does not fit (not an object, a type other than the schema's or the
+rest of the batch's, a field the schema lacks, an integer past 64 bits) is never
+dropped: it goes, with the reason, to an NDJSON object under ``REJECTS_PREFIX``.
+The misfits are found by halving a failing block until each misfit stands alone,
+so a batch with k of them costs about k * log2(n) extra reads, and none when
+every payload fits.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+REJECTS_PREFIX = "format-conversion-failed/"
+ROW_GROUP_ROWS = 65_536
+PAGE_COMPRESSIONS = ("zstd", "snappy", "gzip", "none")
+INSTALL_HINT = "--format parquet needs pyarrow: pip install 'fastingest[parquet]'"
+
+# A digit run long enough to pass int64; the reader would turn it into a double.
+_LONG_INT = re.compile(rb"\d{19,}")
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def require_pyarrow() -> None:
+    """ValueError, saying how to install it, when pyarrow is missing."""
+    try:
+        import pyarrow.json
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise ValueError(INSTALL_HINT) from None
+
+
+# --- the schema file -------------------------------------------------------------------
+
+_SCALARS = {
+    "bool": "bool_",
+    "int8": "int8",
+    "int16": "int16",
+    "int32": "int32",
+    "int64": "int64",
+    "uint8": "uint8",
+    "uint16": "uint16",
+    "uint32": "uint32",
+    "uint64": "uint64",
+    "float32": "float32",
+    "float64": "float64",
+    "string": "string",
+}
+
+
+def load_schema(path: Path) -> pa.Schema:
+    """Read a ``--schema`` file: ``{"fields": [{"name", "type", "nullable"?}, ...]}``.
+
+    A type is a name (bool, int8-64, uint8-64, float32, float64, string, date,
+    timestamp: RFC 3339 strings, stored as microseconds UTC), ``{"list": TYPE}``
+    or ``{"struct": [fields]}``. Raises ValueError, naming the file's fault.
+    """
+    import pyarrow as pa
+
+    try:
+        spec = orjson.loads(path.read_bytes())
+        fields = spec.get("fields") if isinstance(spec, dict) else None
+        if not isinstance(fields, list) or not fields:
+            raise ValueError('expected {"fields": [{"name": ..., "type": ...}, ...]}')
+        return pa.schema(_fields(fields, "$"))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--schema {path}: {exc}") from None
+
+
+def _fields(fields: list[Any], at: str) -> list[pa.Field]:
+    import pyarrow as pa
+
+    out = []
+    names = set()
+    for f in fields:
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or "type" not in f:
+            raise ValueError(f"{at}: each field needs a string name and a type, got {f!r}")
+        name = f["name"]
+        if name in names:
+            raise ValueError(f"{at}: field {name!r} is named twice")
+        names.add(name)
+        out.append(pa.field(name, _type(f["type"], f"{at}.{name}"), f.get("nullable", True)))
+    return out
+
+
+def _type(spec: Any, at: str) -> pa.DataType:
+    import pyarrow as pa
+
+    if isinstance(spec, str):
+        if spec == "timestamp":
+            return pa.timestamp("us", tz="UTC")
+        if spec in _SCALARS:
+            return getattr(pa, _SCALARS[spec])()
+    elif isinstance(spec, dict) and len(spec) == 1:
+        if "list" in spec:
+            return pa.list_(_type(spec["list"], f"{at}[]"))
+        if "struct" in spec and isinstance(spec["struct"], list):
+            return pa.struct(_fields(spec["struct"], at))
+    known = ", ".join([*_SCALARS, "timestamp"])
+    raise ValueError(f"{at}: unknown type {spec!r} (one of {known}, {{list}}, {{struct}})")
+
+
+# --- conversion -------------------------------------------------------------------------
+
+
+class ParquetWriter:
+    """Turns a batch's NDJSON lines into a Parquet body and the lines that did not fit.
+
+    Thread-safe: it holds only settings.
+    """
+
+    def __init__(self, compression: str, schema: pa.Schema | None = None) -> None:
+        require_pyarrow()
+        if compression not in PAGE_COMPRESSIONS:
+            raise ValueError(f"unknown Parquet compression {compression!r}")
+        self.compression = compression
+        self.schema = schema
+
+    def convert(self, lines: list[bytes]) -> tuple[bytes, int, list[tuple[bytes, str]]]:
+        """(Parquet body, or b"" when no line fits; rows in it; [(line, why it did not fit)]).
+
+        `lines` are the batch's NDJSON lines, each with its newline.
+        """
+        rejects: list[tuple[bytes, str]] = []
+        fitting = []
+        for line in lines:
+            if why := _precheck(line):
+                rejects.append((line, why))
+            else:
+                fitting.append(line)
+        schema = self.schema
+        tables: list[pa.Table] = []
+        if fitting and schema is None:
+            bad: list[tuple[bytes, str]] = []
+            self._read(fitting, None, tables, bad)
+            if bad or len(tables) > 1:  # misfits, or runs of differing types
+                rejects += bad
+                misfits = _lines_of(bad)
+                fitting = [ln for ln in fitting if ln not in misfits]
+                schema = _unified([t.schema for t in tables]) if tables else None
+                tables = []
+        if fitting and not tables:
+            self._read(fitting, schema, tables, rejects)
+        rejects = _in_order(rejects, lines)
+        if not tables:
+            return b"", 0, rejects
+        return self._write(tables, schema), sum(t.num_rows for t in tables), rejects
+
+    def _read(
+        self,
+        lines: list[bytes],
+        schema: pa.Schema | None,
+        tables: list[pa.Table],
+        rejects: list[tuple[bytes, str]],
+    ) -> None:
+        """Read `lines` as a table into `tables`; a failing block is halved until each line
+        that does not fit stands alone (into `rejects`, with pyarrow's reason)."""
+        import pyarrow as pa
+
+        stack = [lines]
+        while stack:
+            block = stack.pop()
+            try:
+                table = _read_json(block, schema)
+                if not table.num_columns:  # a file with no column keeps no row
+                    raise pa.ArrowInvalid("an object with no field: a Parquet row needs one")
+                tables.append(table)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+                if len(block) == 1:
+                    rejects.append((block[0], _reason(exc)))
+                    continue
+                half = len(block) // 2
+                stack += [block[half:], block[:half]]  # the first half is read first
+
+    def _write(self, tables: list[pa.Table], schema: pa.Schema | None) -> bytes:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if schema is not None:
+            tables = [t if t.schema.equals(schema) else _conform(t, schema) for t in tables]
+        table = (
+            tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
+        )
+        out = io.BytesIO()
+        pq.write_table(
+            table,
+            out,
+            compression=self.compression if self.compression != "none" else None,
+            row_group_size=ROW_GROUP_ROWS,
+            coerce_timestamps="us",
+            allow_truncated_timestamps=False,
+        )
+        return out.getvalue()
+
+
+def _unified(schemas: list[pa.Schema]) -> pa.Schema:
+    """The first run's schema, widened by each later run that unifies with it; the rows of
+    a run that does not are read again against it, and those that do not fit are rejected."""
+    import pyarrow as pa
+
+    schema = schemas[0]
+    for other in schemas[1:]:
+        try:
+            schema = pa.unify_schemas([schema, other], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            continue
+    return schema
+
+
+def _read_json(lines: list[bytes], schema: pa.Schema | None) -> pa.Table:
+    import pyarrow.json as pj
+
+    data = b"".join(lines)
+    return pj.read_json(
+        io.BytesIO(data),
+        read_options=pj.ReadOptions(use_threads=False, block_size=len(data) + 1),
+        parse_options=pj.ParseOptions(
+            explicit_schema=schema,
+            unexpected_field_behavior="error" if schema is not None else "infer",
+            newlines_in_values=False,
+        ),
+    )
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with `schema`'s columns, in its order; a column it lacks is all nulls."""
+    import pyarrow as pa
+
+    columns = [
+        table.column(f.name).cast(f.type)
+        if f.name in table.column_names
+        else pa.nulls(table.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _precheck(line: bytes) -> str:
+    """Why `line` cannot be a row, found without pyarrow; "" if it may be one."""
+    if not line.startswith(b"{"):
+        return "not a JSON object: a Parquet row is an object"
+    if _LONG_INT.search(line) and _outside_int64(json.loads(line)):  # orjson stops at 64 bits
+        return "an integer outside the 64-bit range"
+    return ""
+
+
+def _outside_int64(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_outside_int64(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_outside_int64(v) for v in value)
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and not (_INT64[0] <= value <= _INT64[1])
+    )
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).removeprefix("JSON parse error: ")
+    return text.replace(" in row 0", "")
+
+
+def _lines_of(rejects: list[tuple[bytes, str]]) -> set[bytes]:
+    return {line for line, _ in rejects}
+
+
+def _in_order(rejects: list[tuple[bytes, str]], lines: list[bytes]) -> list[tuple[bytes, str]]:
+    """`rejects` in the batch's order, so a replay writes the same error object."""
+    if len(rejects) < 2:
+        return rejects
+    why: dict[bytes, str] = {}
+    for line, reason in rejects:
+        why.setdefault(line, reason)
+    return [(ln, why[ln]) for ln in lines if ln in why]
+
+
+def reject_line(line: bytes, reason: str) -> bytes:
+    """One line of the error object: the reason and the payload as it was sent."""
+    return b'{"error":' + orjson.dumps(reason) + b',"payload":' + line.rstrip(b"\n") + b"}\n"

@@ -1,0 +1,171 @@
+"""Payload fields -> key segments: ``--partition-by`` and ``--time-field``.
+
+A payload's partition is the Hive-style path its object lands under, before the
+object's name: ``country=DE/app=web/`` for ``--partition-by country,app``, then
+``dt=YYYY-MM-DD/hour=HH/`` of its event time with ``--time-field`` (else of the
+batch's arrival time, as without partitions).
+
+- A value is the field's string, a number or boolean as JSON writes it, an object or
+  array as compact JSON; missing, null or "" is ``__HIVE_DEFAULT_PARTITION__``
+  (which Hive, Spark, DuckDB and pyarrow read as NULL).
+- Everything but ``A-Z a-z 0-9 _ . - ~`` is percent-encoded (UTF-8), as Hive
+  does, so any string is one safe key segment and Hive-partition readers decode
+  it back. A value longer than ``MAX_VALUE_CHARS`` once encoded is cut and ends
+  with ``~`` and a hash of the whole value: distinct values stay apart, but such a
+  value does not read back whole.
+- An event time is epoch seconds or milliseconds (a number; milliseconds from
+  ``MILLIS_FROM`` on) or an RFC 3339 string. A payload whose field is missing or
+  unreadable lands under its arrival hour instead, and is counted.
+
+A chunk is always split the same way from its bytes and its arrival time, which the
+spool keeps, so a replay finds each batch's payloads again (see replay.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+
+DEFAULT_PARTITION = "__HIVE_DEFAULT_PARTITION__"
+MAX_VALUE_CHARS = 128
+MILLIS_FROM = 1e11  # as seconds that is the year 5138; as milliseconds, 1973
+LATEST = 253402300799.0  # 9999-12-31T23:59:59Z
+FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*")
+_HOURS_KEPT = 4096  # formatted event hours cached; cleared when full
+
+
+def parse_fields(text: str) -> tuple[str, ...]:
+    """``--partition-by``'s comma-separated dotted paths; ValueError on a bad one."""
+    fields = tuple(f.strip() for f in text.split(",") if f.strip())
+    for f in fields:
+        if not FIELD.fullmatch(f):
+            raise ValueError(f"{f!r} is not a field path (names joined by dots)")
+    if len(set(fields)) < len(fields):
+        raise ValueError(f"a field is named twice in {text!r}")
+    return fields
+
+
+def hour_segments(ts: float) -> str:
+    """``dt=YYYY-MM-DD/hour=HH/`` of epoch seconds `ts` (UTC)."""
+    return time.strftime("dt=%Y-%m-%d/hour=%H/", time.gmtime(ts))
+
+
+def encode_value(value: Any) -> str:
+    """A field value as one Hive partition value, percent-encoded."""
+    if value is None or value == "":
+        return DEFAULT_PARTITION
+    if isinstance(value, str):
+        text = value
+    else:  # numbers, booleans, objects, arrays: as JSON writes them
+        text = orjson.dumps(value).decode()
+    encoded = quote(text, safe="")
+    if len(encoded) <= MAX_VALUE_CHARS:
+        return encoded
+    kept, room = [], MAX_VALUE_CHARS - 17
+    for char in text:  # whole characters, so the cut value still decodes
+        piece = quote(char, safe="")
+        room -= len(piece)
+        if room < 0:
+            break
+        kept.append(piece)
+    return f"{''.join(kept)}~{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def event_time(value: Any) -> float | None:
+    """Epoch seconds of an event time field's value, or None if it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        ts = value / 1000 if abs(value) >= MILLIS_FROM else float(value)
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        ts = parsed.timestamp()
+    else:
+        return None
+    return ts if 0 <= ts <= LATEST else None
+
+
+class Partitioner:
+    """Splits NDJSON chunks into their payloads' partitions."""
+
+    def __init__(self, fields: Sequence[str], time_field: str | None = None) -> None:
+        self.fields = tuple(fields)
+        self.time_field = time_field
+        self._paths = [(f.replace(".", "_"), f.split(".")) for f in fields]
+        self._time_path = time_field.split(".") if time_field else None
+        self._hours: dict[int, str] = {}
+
+    @property
+    def spec(self) -> str:
+        """What decides a payload's partition, as text (kept with the spool, per run)."""
+        return orjson.dumps({"fields": self.fields, "time_field": self.time_field}).decode()
+
+    @classmethod
+    def from_spec(cls, spec: str) -> Partitioner | None:
+        if not spec:
+            return None
+        loaded = orjson.loads(spec)
+        return cls(loaded["fields"], loaded["time_field"])
+
+    @property
+    def by_event_time(self) -> bool:
+        return self._time_path is not None
+
+    def split(self, chunk: bytes, received: float) -> tuple[dict[str, list[bytes]], int]:
+        """({partition: its lines, in order, each with its newline}, payloads that fell
+        back to the arrival time for want of an event time)."""
+        parts: dict[str, list[bytes]] = {}
+        fallbacks = 0
+        for line in chunk.split(b"\n")[:-1]:
+            partition, fell_back = self.partition(orjson.loads(line), received)
+            fallbacks += fell_back
+            lines = parts.get(partition)
+            if lines is None:
+                parts[partition] = [line + b"\n"]
+            else:
+                lines.append(line + b"\n")
+        return parts, fallbacks
+
+    def select(self, chunk: bytes, received: float, partition: str) -> list[bytes]:
+        """The lines of `chunk` in `partition`."""
+        return self.split(chunk, received)[0].get(partition, [])
+
+    def partition(self, payload: Any, received: float) -> tuple[str, bool]:
+        """(`payload`'s partition, whether its event time fell back to `received`)."""
+        segments = [f"{name}={encode_value(_get(payload, path))}/" for name, path in self._paths]
+        fell_back = False
+        if self._time_path is not None:
+            ts = event_time(_get(payload, self._time_path))
+            if ts is None:
+                ts, fell_back = received, True
+            segments.append(self._hour(ts))
+        return "".join(segments), fell_back
+
+    def _hour(self, ts: float) -> str:
+        hour = int(ts // 3600)
+        text = self._hours.get(hour)
+        if text is None:
+            if len(self._hours) >= _HOURS_KEPT:
+                self._hours.clear()
+            text = self._hours[hour] = hour_segments(hour * 3600)
+        return text
+
+
+def _get(payload: Any, path: list[str]) -> Any:
+    for name in path:
+        if not isinstance(payload, dict):
+            return None
+        payload = payload.get(name)
+    return payload

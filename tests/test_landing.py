@@ -1,0 +1,356 @@
+"""Analytics-ready landing, read back as analysts read it.
+
+Parquet objects and Hive partitions by payload fields and event time, through the
+file sink and through S3 (moto, over HTTP), read by DuckDB and pyarrow: one row per
+acknowledged payload, with its values, types and partition. What does not fit the
+Parquet schema lands under ``format-conversion-failed/`` with its reason, and a
+kill -9 under load replays each Parquet object once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import io
+import json
+import random
+import signal
+from collections import Counter
+from typing import Any
+
+import duckdb
+import orjson
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs
+import pyarrow.parquet as pq
+import pytest
+
+from support import Server, load, request, unpack, wait_until
+
+N = 240
+COUNTRIES = ["DE", "a/b é=?%", None, "日本"]
+EVENT_TIMES = ["2026-12-05T08:15:00Z", "2026-12-05T09:00:00Z", "2026-12-05T23:59:59Z"]
+PARTITIONING = ["--partition-by", "country", "--time-field", "at", "--batch-max-payloads", "50"]
+
+
+def event(i: int) -> dict[str, Any]:
+    p: dict[str, Any] = {
+        "id": i,
+        "name": f"zoë-日本-😀-{i}",
+        "big": 2**63 - 1 - i,
+        "neg": -(2**63) + i,
+        "ratio": i / 8,
+        "ok": i % 2 == 0,
+        "missing": None,
+        "tags": ["a", f"t{i % 3}"],
+        "user": {"id": f"u{i}", "geo": {"lat": 48.5 + i / 1000, "lon": -2.25}},
+        "country": COUNTRIES[i % 4],
+    }
+    if i % 10 != 9:  # every tenth has no event time: it lands under its arrival hour
+        p["at"] = EVENT_TIMES[i % 3]
+    return p
+
+
+def send(server: Server, payloads: list[dict[str, Any]]) -> int:
+    """POST the payloads as collections, arrays and NDJSON; the count acknowledged."""
+    acked = 0
+    for start in range(0, len(payloads), 30):
+        group = payloads[start : start + 30]
+        form = (start // 30) % 3
+        if form == 0:
+            body, kind = json.dumps({"version": "1", "data": group}).encode(), "application/json"
+        elif form == 1:
+            body, kind = json.dumps(group, ensure_ascii=False).encode(), "application/json"
+        else:
+            body = "".join(json.dumps(p) + "\n" for p in group).encode()
+            kind = "application/x-ndjson"
+        status, _, answer = server.post(body, kind)
+        assert status == 202, answer
+        acked += answer["accepted"]
+    return acked
+
+
+def utc_days() -> set[str]:
+    return {dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")}
+
+
+def check_rows(rows: list[dict[str, Any]], acked: int, arrival_days: set[str]) -> None:
+    """One row per acknowledged payload, as sent, under its country and event hour."""
+    assert len(rows) == acked == N
+    assert sorted(r["id"] for r in rows) == list(range(N))
+    for row in rows:
+        want = event(row["id"])
+        at = want.pop("at", None)
+        assert {k: row[k] for k in want} == want, row
+        if at is None:
+            assert str(row["dt"]) in arrival_days, row
+        else:
+            assert (str(row["dt"]), int(row["hour"])) == (at[:10], int(at[11:13])), row
+
+
+def unified(fs: pyarrow.fs.FileSystem, files: list[str]) -> pa.Schema:
+    """The union of the files' schemas, as a reader of inferred batches takes it."""
+    schemas = [pq.read_schema(f, filesystem=fs) for f in files]
+    return pa.unify_schemas(schemas, promote_options="permissive")
+
+
+def parquet_files(fs: pyarrow.fs.FileSystem, root: str) -> list[str]:
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+    return sorted(i.path for i in infos if i.path.endswith(".parquet"))
+
+
+def dataset_rows(fs: pyarrow.fs.FileSystem, root: str) -> list[dict[str, Any]]:
+    """Every row pyarrow.dataset reads under `root`, with its Hive partition values."""
+    files = parquet_files(fs, root)
+    hive = pa.schema([("country", pa.string()), ("dt", pa.string()), ("hour", pa.int32())])
+    schema = unified(fs, files)
+    for field in hive:
+        if field.name not in schema.names:
+            schema = schema.append(field)
+    dataset = ds.dataset(
+        files,
+        filesystem=fs,
+        format="parquet",
+        schema=schema,
+        partitioning=ds.partitioning(hive, flavor="hive"),
+        partition_base_dir=root,
+    )
+    return dataset.to_table().to_pylist()
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "ndjson"])
+def test_partitioned_objects_read_back_by_duckdb_and_pyarrow(tmp_path, fmt):
+    server = Server("--format", fmt, *PARTITIONING, cwd=tmp_path)
+    days = utc_days()
+    acked = send(server, [event(i) for i in range(N)])
+    metrics = request(server.port, "GET", "/metrics")[2].decode()
+    assert server.stop() == 0
+    days |= utc_days()
+    assert "fastingest_event_time_fallbacks_total 24.0" in metrics  # every tenth of 240
+    root = tmp_path / "fastingest-data" / "objects"
+    assert sorted(p.name for p in root.iterdir()) == [
+        "country=%E6%97%A5%E6%9C%AC",
+        "country=DE",
+        "country=__HIVE_DEFAULT_PARTITION__",
+        "country=a%2Fb%20%C3%A9%3D%3F%25",
+    ]
+    con = duckdb.connect()
+    if fmt == "parquet":
+        files = list(root.rglob("*.parquet"))
+        assert all(f.read_bytes()[:4] == b"PAR1" for f in files)
+        relation = con.sql(
+            f"SELECT * FROM read_parquet('{root}/**/*.parquet', hive_partitioning = true, "
+            "union_by_name = true, hive_types_autocast = false)"
+        )
+    else:
+        relation = con.sql(
+            f"SELECT * FROM read_json('{root}/**/*.ndjson.zst', format = 'newline_delimited', "
+            "hive_partitioning = true, hive_types_autocast = false, union_by_name = true)"
+        )
+    types = dict(zip(relation.columns, map(str, relation.types), strict=True))
+    assert types["big"] == "BIGINT" and types["ok"] == "BOOLEAN" and types["tags"] == "VARCHAR[]"
+    assert types["user"].startswith("STRUCT(id VARCHAR, geo")
+    rows = [dict(zip(relation.columns, r, strict=True)) for r in relation.fetchall()]
+    check_rows(rows, acked, days)
+    by_country = con.sql(
+        f"SELECT country, count(*) FROM read_{'parquet' if fmt == 'parquet' else 'json'}("
+        f"'{root}/**/*.{'parquet' if fmt == 'parquet' else 'ndjson.zst'}', "
+        "hive_partitioning = true, union_by_name = true) GROUP BY country ORDER BY country"
+    ).fetchall()
+    assert sorted(by_country, key=str) == sorted(
+        Counter(COUNTRIES[i % 4] for i in range(N)).items(), key=str
+    )
+    if fmt == "parquet":
+        check_rows(dataset_rows(pyarrow.fs.LocalFileSystem(), str(root)), acked, days)
+
+
+def test_parquet_over_the_s3_api_read_by_pyarrow_and_duckdb(tmp_path, bucket, s3_env):
+    args = ["--sink", f"s3://{bucket}/events", "--format", "parquet", *PARTITIONING]
+    server = Server(*args, cwd=tmp_path, env=s3_env)
+    days = utc_days()
+    acked = send(server, [event(i) for i in range(N)])
+    assert server.stop() == 0
+    days |= utc_days()
+    s3 = pyarrow.fs.S3FileSystem(
+        access_key=s3_env["AWS_ACCESS_KEY_ID"],
+        secret_key=s3_env["AWS_SECRET_ACCESS_KEY"],
+        region=s3_env["AWS_REGION"],
+        endpoint_override=s3_env["AWS_ENDPOINT_URL"],
+        scheme="http",
+    )
+    rows = dataset_rows(s3, f"{bucket}/events")
+    check_rows(rows, acked, days)
+    landed = pa.Table.from_pylist(rows)  # DuckDB queries the Arrow data pyarrow read from S3
+    counted = (
+        duckdb.connect()
+        .from_arrow(landed)
+        .aggregate("ok, count(*), sum(big::HUGEINT)", "ok")
+        .order("ok")
+        .fetchall()
+    )
+    assert counted == [
+        (False, N // 2, sum(2**63 - 1 - i for i in range(1, N, 2))),
+        (True, N // 2, sum(2**63 - 1 - i for i in range(0, N, 2))),
+    ]
+
+
+def test_payloads_that_do_not_fit_the_schema_land_under_the_error_prefix(tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text(
+        json.dumps(
+            {
+                "fields": [
+                    {"name": "id", "type": "int64", "nullable": False},
+                    {"name": "at", "type": "timestamp"},
+                    {"name": "score", "type": "float32"},
+                    {"name": "tags", "type": {"list": "string"}},
+                ]
+            }
+        )
+    )
+    sent = []
+    for i in range(200):
+        kind = i % 5
+        if kind == 0:
+            sent.append({"id": f"x{i}"})  # a string where the schema has int64
+        elif kind == 1:
+            sent.append({"id": i, "unknown": True})  # a field the schema lacks
+        else:
+            sent.append({"id": i, "at": "2026-12-05T08:15:00.123456Z", "score": 0.5, "tags": []})
+    server = Server("--format", "parquet", "--schema", str(schema), cwd=tmp_path)
+    assert send_plain(server, sent) == 200
+    assert server.stop() == 0
+    root = tmp_path / "fastingest-data" / "objects"
+    table = pa.concat_tables(pq.read_table(f) for f in root.rglob("*.parquet"))
+    assert table.schema.field("at").type == pa.timestamp("us", tz="UTC")
+    assert sorted(table.column("id").to_pylist()) == [i for i in range(200) if i % 5 > 1]
+    rejected = [
+        json.loads(line)
+        for f in (root / "format-conversion-failed").rglob("*.ndjson.zst")
+        for line in unpack(f.read_bytes()).splitlines()
+    ]
+    assert sorted(r["payload"]["id"] for r in rejected if r["payload"].get("unknown")) == [
+        i for i in range(200) if i % 5 == 1
+    ]
+    assert sorted(r["payload"]["id"] for r in rejected if "unknown" not in r["payload"]) == sorted(
+        f"x{i}" for i in range(200) if i % 5 == 0
+    )
+    assert all(r["error"] for r in rejected)
+
+
+def test_the_unconverted_are_counted(tmp_path):
+    server = Server("--format", "parquet", "--batch-max-age", "0.1", cwd=tmp_path)
+    assert send_plain(server, [{"a": 1}, {"a": "text"}, {"a": 2}]) == 3
+
+    def metrics() -> str:
+        return request(server.port, "GET", "/metrics")[2].decode()
+
+    assert wait_until(lambda: "fastingest_payloads_uploaded_total 3.0" in metrics())
+    assert "fastingest_payloads_unconverted_total 1.0" in metrics()
+    assert "fastingest_objects_uploaded_total 2.0" in metrics()  # the file and its rejects
+    assert server.stop() == 0
+
+
+def send_plain(server: Server, payloads: list[dict[str, Any]]) -> int:
+    acked = 0
+    for start in range(0, len(payloads), 40):
+        body = json.dumps(payloads[start : start + 40]).encode()
+        status, _, answer = server.post(body)
+        assert status == 202, answer
+        acked += answer["accepted"]
+    return acked
+
+
+async def kill_during_load(server: Server, pause: float, load_args: dict[str, Any]) -> None:
+    task = asyncio.ensure_future(load(server.port, **load_args))
+    await asyncio.sleep(pause)
+    server.proc.kill()  # kill -9, mid-load
+    await task
+
+
+def landed_parquet(s3: Any, bucket: str) -> tuple[Counter[bytes], list[str]]:
+    """Each row of every Parquet object (and each rejected payload) as compact JSON."""
+    payloads: Counter[bytes] = Counter()
+    keys = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for entry in page.get("Contents", []):
+            keys.append(entry["Key"])
+            body = s3.get_object(Bucket=bucket, Key=entry["Key"])["Body"].read()
+            if entry["Key"].endswith(".parquet"):
+                rows = pq.read_table(io.BytesIO(body)).to_pylist()
+                payloads.update(orjson.dumps({k: v for k, v in r.items()}) for r in rows)
+            else:
+                for line in unpack(body).splitlines():
+                    payloads[orjson.dumps(json.loads(line)["payload"])] += 1
+    return payloads, keys
+
+
+@pytest.mark.slow
+def test_kill_9_under_load_lands_each_parquet_object_once(tmp_path, s3, bucket, s3_env):
+    rng = random.Random(20261206)
+    acked: list[bytes] = []
+    sent: list[bytes] = []
+    statuses: Counter[int] = Counter()
+    args = [
+        "--sink",
+        f"s3://{bucket}",
+        "--format",
+        "parquet",
+        "--partition-by",
+        "k",
+        "--time-field",
+        "t",
+        "--batch-max-payloads",
+        "300",
+        "--batch-max-age",
+        "0.3",
+    ]
+    replayed = 0
+    for round_ in range(6):
+        server = Server(*args, cwd=tmp_path, env=s3_env)
+        load_args = dict(
+            tag=f"r{round_}",
+            seconds=10,
+            acked=acked,
+            sent=sent,
+            statuses=statuses,
+            clients=8,
+            per_request=10,
+            headers={"X-Fastingest-Ack": rng.choice(["durable", "uploaded"])},
+            fields=lambda n: b',"k":%d,"t":%d' % (n % 3, 1765000000 + n % 2 * 3600),
+        )
+        asyncio.run(kill_during_load(server, rng.uniform(0.3, 1.5), load_args))
+        server.proc.wait(10)
+        replayed += "replayed the spool" in server.text
+    final = Server(*args, cwd=tmp_path, env=s3_env)
+    assert final.stop(signal.SIGTERM) == 0
+    replayed += "replayed the spool" in final.text
+    assert replayed >= 2, "the crashes never left anything in the spool to recover"
+    assert len(acked) > 100, f"the load never got going: {statuses}"
+    got, keys = landed_parquet(s3, bucket)
+    assert all(n == 1 for n in got.values()), "a payload landed twice"
+    missing = Counter(acked) - got
+    assert not missing, f"{sum(missing.values())} acknowledged payloads were lost"
+    assert not got - Counter(sent), "something landed that was never sent"
+    assert len(keys) == len(set(keys))
+    assert all(k.endswith(".parquet") and k.startswith("k=") for k in keys)
+
+
+@pytest.mark.parametrize(
+    "args, fault",
+    [
+        (["--compression", "snappy"], "--compression snappy is for --format parquet"),
+        (["--schema", "s.json"], "--schema is for --format parquet"),
+        (["--format", "parquet", "--mode", "per-payload"], "--format parquet needs --mode batch"),
+        (["--partition-by", "a", "--mode", "per-payload"], "need --mode batch"),
+        (["--format", "parquet", "--schema", "none.json"], "--schema none.json: "),
+    ],
+)
+def test_options_that_do_not_go_together_are_refused_at_start(tmp_path, capsys, args, fault):
+    from fastingest.cli import main
+    from fastingest.supervisor import EX_CONFIG
+
+    assert main(["serve", "--data-dir", str(tmp_path), *args]) == EX_CONFIG
+    err = capsys.readouterr().err
+    assert fault in err and err.count("\n") == 1, err

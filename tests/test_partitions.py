@@ -1,0 +1,100 @@
+"""Payload fields -> Hive key segments: every value one safe segment that decodes back."""
+
+from __future__ import annotations
+
+import json
+import time
+from urllib.parse import unquote
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fastingest.partitions import (
+    DEFAULT_PARTITION,
+    MAX_VALUE_CHARS,
+    Partitioner,
+    encode_value,
+    event_time,
+    parse_fields,
+)
+
+
+@given(st.text(min_size=1))
+def test_any_string_is_one_safe_segment_that_decodes_back(value):
+    encoded = encode_value(value)
+    assert "/" not in encoded and "=" not in encoded and all(" " < c < "\x7f" for c in encoded)
+    assert len(encoded) <= MAX_VALUE_CHARS
+    whole, _, digest = encoded.rpartition("~")
+    if "~" in value or len(digest) != 16:  # not cut
+        assert unquote(encoded) == value
+    else:  # cut: a prefix that decodes, then the hash
+        assert value.startswith(unquote(whole))
+
+
+def test_values_as_json_writes_them_and_the_default_partition():
+    assert encode_value(42) == "42" and encode_value(2.5) == "2.5" and encode_value(True) == "true"
+    assert encode_value({"a": [1]}) == "%7B%22a%22%3A%5B1%5D%7D"
+    assert encode_value(None) == encode_value("") == DEFAULT_PARTITION
+    assert encode_value("a/b é") == "a%2Fb%20%C3%A9"
+
+
+def test_long_values_are_cut_but_stay_apart():
+    a, b = encode_value("x" * 500 + "a"), encode_value("x" * 500 + "b")
+    assert a != b and len(a) <= MAX_VALUE_CHARS and len(b) <= MAX_VALUE_CHARS
+    assert unquote(encode_value("é" * 100).rpartition("~")[0]) == "é" * 18
+
+
+@pytest.mark.parametrize(
+    "value, seconds",
+    [
+        (1765000000, 1765000000.0),
+        (1765000000.5, 1765000000.5),
+        (1765000000123, 1765000000.123),
+        ("2026-12-06T10:00:00Z", 1796551200.0),
+        ("2026-12-06T11:00:00+01:00", 1796551200.0),
+        ("2026-12-06T10:00:00.250", 1796551200.25),
+        ("yesterday", None),
+        (True, None),
+        (None, None),
+        ({"t": 1}, None),
+        (-5, None),
+        (10**15 * 1000, None),
+    ],
+)
+def test_event_times(value, seconds):
+    got = event_time(value)
+    assert got == pytest.approx(seconds) if seconds is not None else got is None
+
+
+def test_a_chunk_splits_by_field_and_event_hour_with_arrival_time_as_the_fallback():
+    p = Partitioner(["country", "user.tier"], "ts")
+    chunk = b"".join(
+        json.dumps(x).encode() + b"\n"
+        for x in [
+            {"country": "DE", "user": {"tier": 1}, "ts": 1765000000},
+            {"country": "DE", "user": {"tier": 1}, "ts": "2025-12-06T05:59:59Z"},
+            {"country": "FR", "ts": "not a time"},
+            {"user": "flat", "ts": 1765000000000},
+        ]
+    )
+    received = time.mktime((2026, 1, 2, 3, 0, 0, 0, 0, 0)) - time.timezone
+    parts, fallbacks = p.split(chunk, received)
+    lines = chunk.split(b"\n")
+    assert fallbacks == 1
+    assert parts == {
+        "country=DE/user_tier=1/dt=2025-12-06/hour=05/": [lines[0] + b"\n", lines[1] + b"\n"],
+        "country=FR/user_tier=__HIVE_DEFAULT_PARTITION__/dt=2026-01-02/hour=03/": [
+            lines[2] + b"\n"
+        ],
+        "country=__HIVE_DEFAULT_PARTITION__/user_tier=__HIVE_DEFAULT_PARTITION__/"
+        "dt=2025-12-06/hour=05/": [lines[3] + b"\n"],
+    }
+    assert Partitioner.from_spec(p.spec).spec == p.spec  # kept with the spool as text
+
+
+def test_field_paths():
+    assert parse_fields("a, b.c ,d_e") == ("a", "b.c", "d_e")
+    for bad in ("a..b", "a,a", "a b", "1a", "a/b"):
+        with pytest.raises(ValueError):
+            parse_fields(bad)
