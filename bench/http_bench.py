@@ -3,12 +3,14 @@
     python -m bench.http_bench --case ack                # --ack received|durable|uploaded
     python -m bench.http_bench --case anchors --n 1 10   # vs the Go design, pynaive, nginx
     python -m bench.http_bench --case ack --baseline /tmp/before   # a change, before/after
+    python -m bench.http_bench --case landing --n 10     # Parquet and partitions vs NDJSON
 
 For each server: start its sink (moto_server on 127.0.0.1, or a directory), start
 the server, warm up, measure for --duration seconds with wrk and
 ../shared/anchors/wrk/post.lua, stop it with SIGTERM, then read back and count
 every payload that landed. Prints req/s, payloads/s, p50/p99, non-2xx, peak
-RSS, landed vs acknowledged, and each row's ratio to the first row; writes
+RSS, landed vs acknowledged, bytes stored per payload, and each row's ratio to the
+first row; writes
 JSON and a PNG chart to bench/results/. With --runs K the servers are run in K
 interleaved rounds, every other one in reverse order, and each row shows its median
 round (every round is in the JSON): this host is shared, and one slow minute can halve
@@ -74,6 +76,7 @@ class Result:
     stop_rc: int
     stop_s: float
     steal_pct: float | None = None  # of all CPU time while measuring (None: not Linux)
+    stored_bytes: int | None = None  # of the objects that landed (file sink)
 
 
 def free_port() -> int:
@@ -137,7 +140,14 @@ class Moto:
 
 
 def count_payloads(data: bytes) -> int:
-    """One JSON document = 1; NDJSON = 1 per non-empty line; gzip/zstd by magic bytes."""
+    """One JSON document = 1; NDJSON = 1 per non-empty line; gzip/zstd by magic bytes;
+    Parquet: its rows."""
+    if data[:4] == b"PAR1":
+        import io
+
+        import pyarrow.parquet as pq
+
+        return int(pq.ParquetFile(io.BytesIO(data)).metadata.num_rows)
     if data[:2] == b"\x1f\x8b":
         data = gzip.decompress(data)
     elif data[:4] == b"\x28\xb5\x2f\xfd":
@@ -148,12 +158,14 @@ def count_payloads(data: bytes) -> int:
     return 1 if len(lines) == 1 else len(lines)
 
 
-def landed_in(directory: Path) -> int:
-    return sum(
-        count_payloads(p.read_bytes())
+def landed_in(directory: Path) -> tuple[int, int]:
+    """(payloads, bytes) of the objects under `directory`."""
+    objects = [
+        p.read_bytes()
         for p in directory.rglob("*")
         if p.is_file() and not p.name.startswith(".") and not p.name.endswith(".error.json")
-    )
+    ]
+    return sum(map(count_payloads, objects)), sum(map(len, objects))
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -278,12 +290,12 @@ def run_one(
             rc = proc.wait()
         stopped = time.monotonic() - started
     acked = sum((w["requests"] - w["err_status"]) * n for w in (warm, run))
-    landed = None
+    landed = stored = None
     if server.counts_landed and server.sink == "s3":
         assert moto is not None and bucket is not None
         landed = moto.landed(bucket)
     elif server.counts_landed and server.sink == "file":
-        landed = landed_in(work / "objects")
+        landed, stored = landed_in(work / "objects")
     shutil.rmtree(work, ignore_errors=True)
     seconds = run["duration_us"] / 1e6
     ok = run["requests"] - run["err_status"]
@@ -304,6 +316,7 @@ def run_one(
         rc,
         stopped,
         steal,
+        stored,
     )
 
 
@@ -338,6 +351,24 @@ def _cases(args: argparse.Namespace) -> list[Server]:
             fastingest(f"fastingest ack={a}", "--ack", a, sink=sink)
             for a in ("received", "durable", "uploaded")
         ]
+    if args.case == "landing":  # post.lua's payloads: "type" has 6 values, "ts" is epoch ms
+        ack = ("--ack", args.ack)
+        parts = ("--partition-by", "type")
+        return [
+            fastingest("fastingest ndjson", *ack, sink=sink),
+            fastingest("fastingest parquet", *ack, "--format", "parquet", sink=sink),
+            fastingest("fastingest ndjson --partition-by type", *ack, *parts, sink=sink),
+            fastingest(
+                "fastingest parquet --partition-by type --time-field ts",
+                *ack,
+                "--format",
+                "parquet",
+                *parts,
+                "--time-field",
+                "ts",
+                sink=sink,
+            ),
+        ]
     a = args.anchors
     servers = [
         fastingest("fastingest", "--ack", args.ack, sink=sink),
@@ -370,16 +401,17 @@ def table(results: list[Result]) -> str:
     base = results[0]
     rows = [
         "| server | N | req/s | payloads/s | vs first | p50 ms | p99 ms | non-2xx | "
-        "landed / acked | RSS MiB | stop | steal % |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|",
+        "landed / acked | B/payload | RSS MiB | stop | steal % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|",
     ]
     for r in results:
         landed = "n/a" if r.landed is None else f"{r.landed:,} / {r.acked:,}"
+        per = "n/a" if not r.stored_bytes or not r.landed else f"{r.stored_bytes / r.landed:.0f}"
         rows.append(
             f"| {r.name} | {r.n} | {r.req_s:,.0f} | {r.payloads_s:,.0f} | "
             f"{r.payloads_s / base.payloads_s:.2f}x | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
-            f"{r.non2xx} | {landed} | {r.rss_mib:.0f} | rc={r.stop_rc} {r.stop_s:.1f}s | "
-            f"{percent(r.steal_pct)} |"
+            f"{r.non2xx} | {landed} | {per} | {r.rss_mib:.0f} | rc={r.stop_rc} "
+            f"{r.stop_s:.1f}s | {percent(r.steal_pct)} |"
         )
     return "\n".join(rows)
 
@@ -472,11 +504,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--case", choices=["ack", "anchors"], default="ack")
+    ap.add_argument("--case", choices=["ack", "anchors", "landing"], default="ack")
     ap.add_argument("--n", type=int, nargs="+", default=[1], help="payloads per request")
     ap.add_argument("--mode", choices=["pinned", "machine"], default="pinned")
     ap.add_argument("--sink", choices=["file", "s3"], default="file")
-    ap.add_argument("--ack", default="received", help="fastingest's ack level in --case anchors")
+    ap.add_argument(
+        "--ack", default="received", help="fastingest's ack level in --case anchors and landing"
+    )
     ap.add_argument("--duration", type=float, default=10)
     ap.add_argument("--warmup", type=float, default=3)
     ap.add_argument("--connections", type=int, default=64)
