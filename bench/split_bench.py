@@ -11,11 +11,15 @@ into the NDJSON chunk the pipeline queues, each timed per body, side by side:
 - ``python``: the splitter's specification, ``_split_py.split_payloads``;
 - ``compiled``: ``_split.split_payloads``, the one the server runs, checking that no
   payload repeats a member name (the default);
-- ``unchecked``: the same without that check (``--duplicate-keys allow``).
+- ``unchecked``: the same without that check (``--duplicate-keys allow``);
+- ``partitioned``: ``compiled``, then the chunk split by partition as the batcher splits
+  it with ``--partition-by type --time-field ts`` (``Partitioner.split``: one orjson
+  parse per payload, on the event loop).
 
 Each (N, way) runs ``--reps`` times in a shuffled order over the same bodies; the table
-shows medians, the compiled splitter's time as a multiple of the orjson path's, and the
-name check's cost as compiled / unchecked. All four must give the same chunk for every
+shows medians, the compiled splitter's time as a multiple of the orjson path's, the
+name check's cost as compiled / unchecked, and the partition split's as partitioned /
+compiled. All four must give the same chunk for every
 body, or the run stops. Results go to
 ``bench/results/split_bench-<time>.json``.
 """
@@ -33,6 +37,7 @@ from bench import parse_args, write_results
 from bench.front_bench import body
 from fastingest import _split_py
 from fastingest.bodies import _parse_json
+from fastingest.partitions import Partitioner
 
 Split = Callable[[bytes], bytes | None]
 
@@ -45,6 +50,18 @@ def _chunk_of(split: Callable[[bytes], tuple[bytes, int, str | None] | None]) ->
     def run(raw: bytes) -> bytes | None:
         got = split(raw)
         return None if got is None else got[0]
+
+    return run
+
+
+def _partitioned(split: Split) -> Split:
+    partitioner = Partitioner(["type"], "ts")
+
+    def run(raw: bytes) -> bytes | None:
+        chunk = split(raw)
+        if chunk is not None:
+            partitioner.split(chunk, 0.0)
+        return chunk
 
     return run
 
@@ -71,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": _chunk_of(_split_py.split_payloads),
         "compiled": _chunk_of(_split.split_payloads),
         "unchecked": _chunk_of(lambda raw: _split.split_payloads(raw, False)),
+        "partitioned": _partitioned(_chunk_of(_split.split_payloads)),
     }
     bodies = {n: [body(n, seed) for seed in range(args.bodies)] for n in args.n}
     for n, some in bodies.items():
@@ -89,15 +107,19 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     print(f"\nCPU per body, µs (median of {args.reps} runs of {args.bodies} bodies)")
-    print("| N | body bytes | orjson | python | compiled | unchecked | compiled takes | check |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| N | body bytes | orjson | python | compiled | unchecked | partitioned "
+        "| compiled takes | check | partition split |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in args.n:
         med = {w: statistics.median(samples[(n, w)]) for w in ways}
         size = statistics.mean(len(raw) for raw in bodies[n])
         print(
             f"| {n} | {size:,.0f} | {med['orjson']:.2f} | {med['python']:.2f} | "
-            f"{med['compiled']:.2f} | {med['unchecked']:.2f} | "
-            f"{med['compiled'] / med['orjson']:.2f}x | {med['compiled'] / med['unchecked']:.2f}x |"
+            f"{med['compiled']:.2f} | {med['unchecked']:.2f} | {med['partitioned']:.2f} | "
+            f"{med['compiled'] / med['orjson']:.2f}x | {med['compiled'] / med['unchecked']:.2f}x | "
+            f"{med['partitioned'] / med['compiled']:.2f}x |"
         )
         results.append(
             {
@@ -106,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 **{f"{w}_us": med[w] for w in ways},
                 "ratio": med["compiled"] / med["orjson"],
                 "check_ratio": med["compiled"] / med["unchecked"],
+                "partition_ratio": med["partitioned"] / med["compiled"],
                 "runs": {w: samples[(n, w)] for w in ways},
             }
         )

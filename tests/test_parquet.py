@@ -30,7 +30,7 @@ def test_an_inferred_batch_keeps_types_nesting_unicode_and_64_bit_integers():
          "ok": i % 2 == 0, "tags": ["a", f"t{i}"], "user": {"geo": {"lat": 1.5 + i}}, "none": None}
         for i in range(50)
     ]  # fmt: skip
-    body, rows, rejects = ParquetWriter("zstd").convert(lines(*sent))
+    body, rows, rejects = ParquetWriter("zstd").convert(b"".join(lines(*sent)))
     assert rows == 50 and rejects == []
     table = read(body)
     assert table.schema.field("big").type == pa.int64()
@@ -44,14 +44,15 @@ def test_an_inferred_batch_keeps_types_nesting_unicode_and_64_bit_integers():
 
 @pytest.mark.parametrize("compression", ["snappy", "gzip", "none"])
 def test_page_compressions(compression):
-    body, rows, _ = ParquetWriter(compression).convert(lines(*({"a": i} for i in range(10))))
+    batch = b"".join(lines(*({"a": i} for i in range(10))))
+    body, rows, _ = ParquetWriter(compression).convert(batch)
     codec = pq.ParquetFile(io.BytesIO(body)).metadata.row_group(0).column(0).compression
     assert rows == 10 and codec == {"none": "UNCOMPRESSED"}.get(compression, compression.upper())
 
 
 def test_row_groups_are_bounded():
     n = ROW_GROUP_ROWS + 10
-    body, rows, _ = ParquetWriter("zstd").convert([b'{"a":%d}\n' % i for i in range(n)])
+    body, rows, _ = ParquetWriter("zstd").convert(b"".join(b'{"a":%d}\n' % i for i in range(n)))
     meta = pq.ParquetFile(io.BytesIO(body)).metadata
     assert rows == n and meta.num_row_groups == 2
     assert max(meta.row_group(i).num_rows for i in range(2)) == ROW_GROUP_ROWS
@@ -64,7 +65,7 @@ def test_misfits_of_an_inferred_batch_come_back_in_order_with_their_reason():
         b'{"a":123456789012345678901}\n',
         b'{"a":4,"id":"12345678901234567890123"}\n',  # a long digit run in a string fits
     ]
-    body, rows, rejects = ParquetWriter("zstd").convert(batch)
+    body, rows, rejects = ParquetWriter("zstd").convert(b"".join(batch))
     assert [r[0] for r in rejects] == [batch[1], batch[4], batch[5]]
     assert "changed from number to string" in rejects[0][1]
     assert rejects[1][1].startswith("not a JSON object")
@@ -96,7 +97,7 @@ def test_a_schema_fixes_columns_and_sends_what_does_not_fit_to_the_rejects(tmp_p
         {"at": "2026-12-06T10:00:00Z"},
         {"id": 5, "tags": "not a list"},
     )  # fmt: skip
-    body, rows, rejects = ParquetWriter("zstd", schema).convert(batch)
+    body, rows, rejects = ParquetWriter("zstd", schema).convert(b"".join(batch))
     assert [r[0] for r in rejects] == [batch[2], batch[3], batch[4], batch[5]]
     assert "int8" in rejects[0][1] and "unexpected field" in rejects[1][1]
     table = read(body)
@@ -110,7 +111,7 @@ def test_a_schema_fixes_columns_and_sends_what_does_not_fit_to_the_rejects(tmp_p
 
 
 def test_nothing_fits_no_parquet_body():
-    body, rows, rejects = ParquetWriter("zstd").convert([b"[1]\n", b'"x"\n'])
+    body, rows, rejects = ParquetWriter("zstd").convert(b'[1]\n"x"\n')
     assert (body, rows, len(rejects)) == (b"", 0, 2)
 
 
@@ -153,7 +154,7 @@ values = st.one_of(
 @given(st.lists(st.dictionaries(st.sampled_from("abc"), values, max_size=3), max_size=30))
 def test_every_line_is_a_row_or_a_reject_exactly_once(payloads):
     batch = lines(*payloads)
-    body, rows, rejects = ParquetWriter("zstd").convert(batch)
+    body, rows, rejects = ParquetWriter("zstd").convert(b"".join(batch))
     assert rows + len(rejects) == len(batch)
     assert rows == (read(body).num_rows if body else 0)
     rejected = [r[0] for r in rejects]

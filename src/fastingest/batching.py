@@ -252,8 +252,7 @@ class Upload:
         self.parts = []  # only the body is needed from here: free the chunks
 
     def _convert(self, writer: ParquetWriter) -> None:
-        lines = [ln + b"\n" for part in self.parts for ln in part.split(b"\n")[:-1]]
-        self.body, _, misfits = writer.convert(lines)
+        self.body, _, misfits = writer.convert(b"".join(self.parts))
         self.sha256 = hashlib.sha256(self.body).hexdigest()
         self.content_md5 = base64.b64encode(hashlib.md5(self.body).digest()).decode()
         self.rejects = None

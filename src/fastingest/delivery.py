@@ -69,6 +69,7 @@ class Delivery:
         retry_base: float,
         retry_max: float,
         sealer: Executor | None = None,
+        seal_threads: int = 1,
     ) -> None:
         self.sink = sink
         self.spool = spool
@@ -79,6 +80,7 @@ class Delivery:
         self.retry_base = retry_base
         self.retry_max = retry_max
         self._sealer = sealer
+        self._sealing = asyncio.Semaphore(seal_threads)
         self.backlog: deque[Upload] = deque()  # waiting for the sink, bytes in the spool
         self.in_flight: dict[int, Upload] = {}  # id -> upload a worker is storing
         self.failing_since: float | None = None  # time.time() of the stall's first failure
@@ -167,12 +169,17 @@ class Delivery:
         (or converted to Parquet, always in a seal thread)."""
         if upload.sha256:
             return
-        if not upload.parts:
-            await upload.reload(self.spool)
-        if upload.raw_size > SEAL_IN_THREAD_BYTES or upload.writer is not None:
-            await asyncio.get_running_loop().run_in_executor(self._sealer, upload.seal)
-        else:
+        if upload.raw_size <= SEAL_IN_THREAD_BYTES and upload.writer is None:
+            if not upload.parts:
+                await upload.reload(self.spool)
             upload.seal()
+            return
+        if self._sealing.locked() and upload.parts and upload.on_disk(self.spool):
+            upload.unload()  # wait for a seal thread without its bytes: the spool has them
+        async with self._sealing:  # so at most one unsealed batch per seal thread is in memory
+            if not upload.parts:
+                await upload.reload(self.spool)
+            await asyncio.get_running_loop().run_in_executor(self._sealer, upload.seal)
 
     def _expired(self, upload: Upload) -> bool:
         return time.time() - upload.first >= self.window

@@ -132,15 +132,27 @@ class ParquetWriter:
         self.compression = compression
         self.schema = schema
 
-    def convert(self, lines: list[bytes]) -> tuple[bytes, int, list[tuple[bytes, str]]]:
+    def convert(self, data: bytes) -> tuple[bytes, int, list[tuple[bytes, str]]]:
         """(Parquet body, or b"" when no line fits; rows in it; [(line, why it did not fit)]).
 
-        `lines` are the batch's NDJSON lines, each with its newline.
+        `data` is the batch's NDJSON. When every line fits, as nearly always, it is read
+        in one go; only then are lines looked at one by one.
         """
+        import pyarrow as pa
+
+        suspects = _long_integer_lines(data)
+        if not suspects:
+            try:
+                table = _read_json(data, self.schema)
+                if table.num_columns:
+                    return self._write([table], self.schema), table.num_rows, []
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                pass
+        lines = [ln + b"\n" for ln in data.split(b"\n")[:-1]]
         rejects: list[tuple[bytes, str]] = []
         fitting = []
         for line in lines:
-            if why := _precheck(line):
+            if line in suspects and (why := _precheck(line)):
                 rejects.append((line, why))
             else:
                 fitting.append(line)
@@ -177,13 +189,13 @@ class ParquetWriter:
         while stack:
             block = stack.pop()
             try:
-                table = _read_json(block, schema)
+                table = _read_json(b"".join(block), schema)
                 if not table.num_columns:  # a file with no column keeps no row
                     raise pa.ArrowInvalid("an object with no field: a Parquet row needs one")
                 tables.append(table)
             except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
                 if len(block) == 1:
-                    rejects.append((block[0], _reason(exc)))
+                    rejects.append((block[0], _reason(block[0], exc)))
                     continue
                 half = len(block) // 2
                 stack += [block[half:], block[:half]]  # the first half is read first
@@ -223,10 +235,9 @@ def _unified(schemas: list[pa.Schema]) -> pa.Schema:
     return schema
 
 
-def _read_json(lines: list[bytes], schema: pa.Schema | None) -> pa.Table:
+def _read_json(data: bytes, schema: pa.Schema | None) -> pa.Table:
     import pyarrow.json as pj
 
-    data = b"".join(lines)
     return pj.read_json(
         io.BytesIO(data),
         read_options=pj.ReadOptions(use_threads=False, block_size=len(data) + 1),
@@ -251,11 +262,19 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def _long_integer_lines(data: bytes) -> set[bytes]:
+    """The lines of `data` with a digit run long enough to be an integer past 64 bits
+    (the reader would make it a double), to be checked exactly; usually none."""
+    found = set()
+    for match in _LONG_INT.finditer(data):
+        start = data.rfind(b"\n", 0, match.start()) + 1
+        found.add(data[start : data.index(b"\n", match.end()) + 1])
+    return found
+
+
 def _precheck(line: bytes) -> str:
-    """Why `line` cannot be a row, found without pyarrow; "" if it may be one."""
-    if not line.startswith(b"{"):
-        return "not a JSON object: a Parquet row is an object"
-    if _LONG_INT.search(line) and _outside_int64(json.loads(line)):  # orjson stops at 64 bits
+    """Why `line`, with a long digit run, cannot be a row; "" if it may be one."""
+    if _outside_int64(json.loads(line)):  # orjson stops at 64 bits
         return "an integer outside the 64-bit range"
     return ""
 
@@ -272,7 +291,9 @@ def _outside_int64(value: Any) -> bool:
     )
 
 
-def _reason(exc: Exception) -> str:
+def _reason(line: bytes, exc: Exception) -> str:
+    if not line.lstrip().startswith(b"{"):
+        return "not a JSON object: a Parquet row is an object"
     text = str(exc).removeprefix("JSON parse error: ")
     return text.replace(" in row 0", "")
 

@@ -39,6 +39,7 @@ MILLIS_FROM = 1e11  # as seconds that is the year 5138; as milliseconds, 1973
 LATEST = 253402300799.0  # 9999-12-31T23:59:59Z
 FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*")
 _HOURS_KEPT = 4096  # formatted event hours cached; cleared when full
+_VALUES_KEPT = 4096  # a field's encoded string values cached; cleared when full
 
 
 def parse_fields(text: str) -> tuple[str, ...]:
@@ -103,7 +104,8 @@ class Partitioner:
     def __init__(self, fields: Sequence[str], time_field: str | None = None) -> None:
         self.fields = tuple(fields)
         self.time_field = time_field
-        self._paths = [(f.replace(".", "_"), f.split(".")) for f in fields]
+        # (segment name, path, its string values' segments seen lately)
+        self._paths = [(f.replace(".", "_"), f.split("."), dict[str, str]()) for f in fields]
         self._time_path = time_field.split(".") if time_field else None
         self._hours: dict[int, str] = {}
 
@@ -128,14 +130,18 @@ class Partitioner:
         back to the arrival time for want of an event time)."""
         parts: dict[str, list[bytes]] = {}
         fallbacks = 0
-        for line in chunk.split(b"\n")[:-1]:
-            partition, fell_back = self.partition(orjson.loads(line), received)
+        loads, find, partition = orjson.loads, chunk.find, self.partition
+        start = 0
+        while end := find(b"\n", start) + 1:
+            line = chunk[start:end]
+            start = end
+            key, fell_back = partition(loads(line), received)
             fallbacks += fell_back
-            lines = parts.get(partition)
+            lines = parts.get(key)
             if lines is None:
-                parts[partition] = [line + b"\n"]
+                parts[key] = [line]
             else:
-                lines.append(line + b"\n")
+                lines.append(line)
         return parts, fallbacks
 
     def select(self, chunk: bytes, received: float, partition: str) -> list[bytes]:
@@ -144,7 +150,18 @@ class Partitioner:
 
     def partition(self, payload: Any, received: float) -> tuple[str, bool]:
         """(`payload`'s partition, whether its event time fell back to `received`)."""
-        segments = [f"{name}={encode_value(_get(payload, path))}/" for name, path in self._paths]
+        segments = []
+        for name, path, known in self._paths:
+            value = _get(payload, path)
+            if type(value) is str:  # the usual case: a few values, seen again and again
+                segment = known.get(value)
+                if segment is None:
+                    if len(known) >= _VALUES_KEPT:
+                        known.clear()
+                    segment = known[value] = f"{name}={encode_value(value)}/"
+            else:
+                segment = f"{name}={encode_value(value)}/"
+            segments.append(segment)
         fell_back = False
         if self._time_path is not None:
             ts = event_time(_get(payload, self._time_path))

@@ -66,8 +66,9 @@ class Pipeline:
         self.jobs: RingQueue[Upload] = RingQueue(min(settings.max_workers, JOBS_WAITING))
         # Batches come sealed from the batcher; what it did not seal (see SEAL_NICE) is
         # sealed here, one thread per CPU (zlib and zstd drop the GIL).
+        seal_threads = usable_cpus()
         self._sealer = ThreadPoolExecutor(
-            usable_cpus(), thread_name_prefix="fastingest-seal", initializer=_lower_priority
+            seal_threads, thread_name_prefix="fastingest-seal", initializer=_lower_priority
         )
         self.dead_letter = DeadLetter(settings.dead_letter_path)
         self.completion = Completion(self.spool)
@@ -81,6 +82,7 @@ class Pipeline:
             retry_base=settings.retry_base_delay,
             retry_max=settings.retry_max_delay,
             sealer=self._sealer,
+            seal_threads=seal_threads,
         )
         self.batcher = Batcher(settings, self.spool, self.delivery, self.jobs, self.completion)
         self.intake = self.batcher.intake
