@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import io
 import json
 import random
@@ -165,22 +166,30 @@ def test_partitioned_objects_read_back_by_duckdb_and_pyarrow(tmp_path, fmt):
         check_rows(dataset_rows(pyarrow.fs.LocalFileSystem(), str(root)), acked, days)
 
 
-def test_parquet_over_the_s3_api_read_by_pyarrow_and_duckdb(tmp_path, bucket, s3_env):
+def test_parquet_over_the_s3_api_read_by_pyarrow_and_duckdb(tmp_path, s3, bucket, s3_env):
     args = ["--sink", f"s3://{bucket}/events", "--format", "parquet", *PARTITIONING]
     server = Server(*args, cwd=tmp_path, env=s3_env)
     days = utc_days()
     acked = send(server, [event(i) for i in range(N)])
     assert server.stop() == 0
     days |= utc_days()
-    s3 = pyarrow.fs.S3FileSystem(
+    s3fs = pyarrow.fs.S3FileSystem(
         access_key=s3_env["AWS_ACCESS_KEY_ID"],
         secret_key=s3_env["AWS_SECRET_ACCESS_KEY"],
         region=s3_env["AWS_REGION"],
         endpoint_override=s3_env["AWS_ENDPOINT_URL"],
         scheme="http",
     )
-    rows = dataset_rows(s3, f"{bucket}/events")
+    rows = dataset_rows(s3fs, f"{bucket}/events")
     check_rows(rows, acked, days)
+    for entry in s3.list_objects_v2(Bucket=bucket)["Contents"]:  # each with its metadata
+        got = s3.get_object(Bucket=bucket, Key=entry["Key"])
+        body = got["Body"].read()
+        assert got["ContentType"] == "application/vnd.apache.parquet"
+        meta = got["Metadata"]
+        assert meta["fastingest-sha256"] == hashlib.sha256(body).hexdigest()
+        rows_in = pq.ParquetFile(io.BytesIO(body)).metadata.num_rows
+        assert int(meta["fastingest-payloads"]) == rows_in
     landed = pa.Table.from_pylist(rows)  # DuckDB queries the Arrow data pyarrow read from S3
     counted = (
         duckdb.connect()
@@ -224,6 +233,11 @@ def test_payloads_that_do_not_fit_the_schema_land_under_the_error_prefix(tmp_pat
     root = tmp_path / "fastingest-data" / "objects"
     table = pa.concat_tables(pq.read_table(f) for f in root.rglob("*.parquet"))
     assert table.schema.field("at").type == pa.timestamp("us", tz="UTC")
+    duck = duckdb.sql(
+        f"SELECT count(*), min(at), typeof(min(at)) FROM read_parquet('{root}/dt=*/**/*.parquet')"
+    ).fetchone()
+    assert duck is not None and duck[0] == 120 and duck[2] == "TIMESTAMP WITH TIME ZONE"
+    assert duck[1] == dt.datetime(2026, 12, 5, 8, 15, 0, 123456, tzinfo=dt.UTC)
     assert sorted(table.column("id").to_pylist()) == [i for i in range(200) if i % 5 > 1]
     rejected = [
         json.loads(line)
@@ -354,3 +368,13 @@ def test_options_that_do_not_go_together_are_refused_at_start(tmp_path, capsys, 
     assert main(["serve", "--data-dir", str(tmp_path), *args]) == EX_CONFIG
     err = capsys.readouterr().err
     assert fault in err and err.count("\n") == 1, err
+
+
+def test_parquet_without_pyarrow_is_one_line(monkeypatch):
+    import sys
+
+    from fastingest.config import Settings
+
+    monkeypatch.setitem(sys.modules, "pyarrow.json", None)  # as if it were not installed
+    with pytest.raises(ValueError, match=r"pip install 'fastingest\[parquet\]'"):
+        Settings(format="parquet").check()
