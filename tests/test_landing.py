@@ -234,9 +234,10 @@ def test_payloads_that_do_not_fit_the_schema_land_under_the_error_prefix(tmp_pat
     table = pa.concat_tables(pq.read_table(f) for f in root.rglob("*.parquet"))
     assert table.schema.field("at").type == pa.timestamp("us", tz="UTC")
     duck = duckdb.sql(
-        f"SELECT count(*), min(at), typeof(min(at)) FROM read_parquet('{root}/dt=*/**/*.parquet')"
-    ).fetchone()
-    assert duck is not None and duck[0] == 120 and duck[2] == "TIMESTAMP WITH TIME ZONE"
+        f'SELECT count(*), min("at"), typeof(min("at")) '
+        f"FROM read_parquet('{root}/dt=*/**/*.parquet')"
+    ).fetchall()[0]
+    assert duck[0] == 120 and duck[2] == "TIMESTAMP WITH TIME ZONE"
     assert duck[1] == dt.datetime(2026, 12, 5, 8, 15, 0, 123456, tzinfo=dt.UTC)
     assert sorted(table.column("id").to_pylist()) == [i for i in range(200) if i % 5 > 1]
     rejected = [
