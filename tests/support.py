@@ -396,3 +396,32 @@ async def load(
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
         await asyncio.gather(*(client(session) for _ in range(clients)))
+
+
+def post_forms(server: Server, payloads: list[dict[str, Any]], per_request: int = 30) -> int:
+    """POST `payloads` as collections, arrays and NDJSON in turn; the count acknowledged."""
+    acked = 0
+    for start in range(0, len(payloads), per_request):
+        group = payloads[start : start + per_request]
+        form = (start // per_request) % 3
+        if form == 0:
+            body, kind = json.dumps({"version": "1", "data": group}).encode(), "application/json"
+        elif form == 1:
+            body, kind = json.dumps(group, ensure_ascii=False).encode(), "application/json"
+        else:
+            body = "".join(json.dumps(p) + "\n" for p in group).encode()
+            kind = "application/x-ndjson"
+        status, _, answer = server.post(body, kind)
+        assert status == 202, answer
+        acked += answer["accepted"]
+    return acked
+
+
+async def kill_during_load(server: Server, pause: float, load_args: dict[str, Any]) -> None:
+    """Run load() against `server` and kill -9 it `pause` seconds in."""
+    import asyncio
+
+    task = asyncio.ensure_future(load(server.port, **load_args))
+    await asyncio.sleep(pause)
+    server.proc.kill()
+    await task

@@ -18,7 +18,16 @@ from collections import Counter
 import orjson
 import pytest
 
-from support import FakeS3, S3Proxy, Server, landed_dir, landed_s3, load, wait_until
+from support import (
+    FakeS3,
+    S3Proxy,
+    Server,
+    kill_during_load,
+    landed_dir,
+    landed_s3,
+    load,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -114,13 +123,6 @@ def test_restart_uploads_what_the_spool_holds(tmp_path, s3, bucket, s3_env):
         assert stored["Body"].read()[:2] == b"\x1f\x8b"
     spool = tmp_path / "fastingest-data" / "spool" / "0"
     assert spool.is_dir() and list(spool.glob("seg-*.log")) == []
-
-
-async def kill_during_load(server: Server, pause: float, load_args: dict) -> None:
-    task = asyncio.ensure_future(load(server.port, **load_args))
-    await asyncio.sleep(pause)
-    server.proc.kill()  # kill -9, mid-load
-    await task
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 import pytest
 
-from support import Server, load, request, unpack, wait_until
+from support import Server, kill_during_load, post_forms, request, unpack, wait_until
 
 N = 240
 COUNTRIES = ["DE", "a/b é=?%", None, "日本"]
@@ -51,25 +51,6 @@ def event(i: int) -> dict[str, Any]:
     if i % 10 != 9:  # every tenth has no event time: it lands under its arrival hour
         p["at"] = EVENT_TIMES[i % 3]
     return p
-
-
-def send(server: Server, payloads: list[dict[str, Any]]) -> int:
-    """POST the payloads as collections, arrays and NDJSON; the count acknowledged."""
-    acked = 0
-    for start in range(0, len(payloads), 30):
-        group = payloads[start : start + 30]
-        form = (start // 30) % 3
-        if form == 0:
-            body, kind = json.dumps({"version": "1", "data": group}).encode(), "application/json"
-        elif form == 1:
-            body, kind = json.dumps(group, ensure_ascii=False).encode(), "application/json"
-        else:
-            body = "".join(json.dumps(p) + "\n" for p in group).encode()
-            kind = "application/x-ndjson"
-        status, _, answer = server.post(body, kind)
-        assert status == 202, answer
-        acked += answer["accepted"]
-    return acked
 
 
 def utc_days() -> set[str]:
@@ -124,7 +105,7 @@ def dataset_rows(fs: pyarrow.fs.FileSystem, root: str) -> list[dict[str, Any]]:
 def test_partitioned_objects_read_back_by_duckdb_and_pyarrow(tmp_path, fmt):
     server = Server("--format", fmt, *PARTITIONING, cwd=tmp_path)
     days = utc_days()
-    acked = send(server, [event(i) for i in range(N)])
+    acked = post_forms(server, [event(i) for i in range(N)])
     metrics = request(server.port, "GET", "/metrics")[2].decode()
     assert server.stop() == 0
     days |= utc_days()
@@ -170,7 +151,7 @@ def test_parquet_over_the_s3_api_read_by_pyarrow_and_duckdb(tmp_path, s3, bucket
     args = ["--sink", f"s3://{bucket}/events", "--format", "parquet", *PARTITIONING]
     server = Server(*args, cwd=tmp_path, env=s3_env)
     days = utc_days()
-    acked = send(server, [event(i) for i in range(N)])
+    acked = post_forms(server, [event(i) for i in range(N)])
     assert server.stop() == 0
     days |= utc_days()
     s3fs = pyarrow.fs.S3FileSystem(
@@ -275,13 +256,6 @@ def send_plain(server: Server, payloads: list[dict[str, Any]]) -> int:
         assert status == 202, answer
         acked += answer["accepted"]
     return acked
-
-
-async def kill_during_load(server: Server, pause: float, load_args: dict[str, Any]) -> None:
-    task = asyncio.ensure_future(load(server.port, **load_args))
-    await asyncio.sleep(pause)
-    server.proc.kill()  # kill -9, mid-load
-    await task
 
 
 def landed_parquet(s3: Any, bucket: str) -> tuple[Counter[bytes], list[str]]:

@@ -12,7 +12,6 @@ works (gzip and none).
 from __future__ import annotations
 
 import datetime as dt
-import json
 from typing import Any
 
 import duckdb
@@ -21,7 +20,7 @@ import pyarrow.fs
 import pyarrow.json
 import pytest
 
-from support import Server
+from support import Server, post_forms
 
 N = 300  # payloads, in requests of every body form
 
@@ -41,22 +40,7 @@ def payload(i: int) -> dict[str, Any]:
 
 
 def send(server: Server) -> int:
-    """POST the payloads as collections, arrays and NDJSON; the count acknowledged."""
-    acked = 0
-    for start in range(0, N, 30):
-        group = [payload(i) for i in range(start, start + 30)]
-        form = (start // 30) % 3
-        if form == 0:
-            body, kind = json.dumps({"version": "1", "data": group}).encode(), "application/json"
-        elif form == 1:
-            body, kind = json.dumps(group, ensure_ascii=False).encode(), "application/json"
-        else:
-            body = "".join(json.dumps(p) + "\n" for p in group).encode()
-            kind = "application/x-ndjson"
-        status, _, answer = server.post(body, kind)
-        assert status == 202, answer
-        acked += answer["accepted"]
-    return acked
+    return post_forms(server, [payload(i) for i in range(N)])
 
 
 def utc_day() -> str:

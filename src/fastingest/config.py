@@ -73,10 +73,10 @@ def _fields(text: str) -> tuple[str, ...]:
 
 
 def _time_field(text: str) -> str:
-    (field,) = _fields(text) or ("",)
-    if not field:
-        raise argparse.ArgumentTypeError("expected a field path")
-    return field
+    fields = _fields(text)
+    if len(fields) != 1:
+        raise argparse.ArgumentTypeError(f"expected one field path, got {text!r}")
+    return fields[0]
 
 
 @dataclass(frozen=True)

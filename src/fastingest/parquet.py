@@ -122,7 +122,7 @@ def _type(spec: Any, at: str) -> pa.DataType:
 
 
 class ParquetWriter:
-    """Turns a batch's NDJSON lines into a Parquet body and the lines that did not fit.
+    """Turns a batch's NDJSON into a Parquet body and the lines that did not fit.
 
     Thread-safe: it holds only settings.
     """
