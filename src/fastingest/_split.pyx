@@ -19,6 +19,7 @@ cdef enum:
     MAX_DEPTH = 128  # containers inside containers (orjson allows 1024)
     MAX_NUMBER = 100  # characters in a number; a longer one may be infinite as a double
     MAX_MEMBERS = 64  # in an object whose names are checked: their spans live on the stack
+    MAX_FIELDS = 16  # names field_values looks for
 
 ctypedef const unsigned char* cstr
 
@@ -405,3 +406,69 @@ def split_payloads(bytes body not None, bint unique=True):
     if token.start >= 0:
         text = s[token.start:token.end].decode("utf-8")
     return out[:size], count, text
+
+
+
+def field_values(bytes chunk not None, tuple names not None):
+    """The JSON text of the top-level members `names` of each line's object, line after
+    line; None for the chunk where a line is not one object read whole (see the twin)."""
+    cdef cstr s = <cstr>PyBytes_AS_STRING(chunk)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(chunk)
+    cdef Py_ssize_t start = 0, stop, i, end, value, name_at, name_size
+    cdef const void* newline
+    cdef cstr wanted[MAX_FIELDS]
+    cdef Py_ssize_t sizes[MAX_FIELDS]
+    cdef int k, count = len(names)
+    cdef bytes name
+    cdef list out = []
+    cdef list values
+    if count > MAX_FIELDS:
+        raise ValueError(f"at most {MAX_FIELDS} names")
+    for k in range(count):
+        name = names[k]
+        wanted[k] = <cstr>PyBytes_AS_STRING(name)
+        sizes[k] = PyBytes_GET_SIZE(name)
+    while start < n:
+        newline = memchr(s + start, 0x0A, n - start)
+        if newline == NULL:
+            return None
+        stop = <cstr>newline - s
+        values = [None] * count
+        i = _ws(s, start, stop)
+        if i >= stop or s[i] != 0x7B:
+            return None
+        i = _ws(s, i + 1, stop)
+        if i < stop and s[i] == 0x7D:
+            i += 1
+        else:
+            while True:
+                if i >= stop or s[i] != 0x22:
+                    return None
+                end = _string(s, i, stop)
+                if end < 0 or memchr(s + i + 1, 0x5C, end - i - 2) != NULL:
+                    return None  # a name written with an escape: only orjson would match it
+                name_at = i + 1
+                name_size = end - i - 2
+                i = _ws(s, end, stop)
+                if i >= stop or s[i] != 0x3A:
+                    return None
+                value = _ws(s, i + 1, stop)
+                i = _value(s, value, stop, 1, False)
+                if i < 0:
+                    return None
+                for k in range(count):
+                    if sizes[k] == name_size and memcmp(wanted[k], s + name_at, name_size) == 0:
+                        values[k] = PyBytes_FromStringAndSize(<const char*>s + value, i - value)
+                i = _ws(s, i, stop)
+                if i < stop and s[i] == 0x2C:
+                    i = _ws(s, i + 1, stop)
+                elif i < stop and s[i] == 0x7D:
+                    i += 1
+                    break
+                else:
+                    return None
+        if _ws(s, i, stop) != stop:
+            return None
+        out.extend(values)
+        start = stop + 1
+    return out

@@ -33,6 +33,8 @@ from urllib.parse import quote
 
 import orjson
 
+from fastingest.split import field_values
+
 DEFAULT_PARTITION = "__HIVE_DEFAULT_PARTITION__"
 MAX_VALUE_CHARS = 128
 MILLIS_FROM = 1e11  # as seconds that is the year 5138; as milliseconds, 1973
@@ -108,6 +110,11 @@ class Partitioner:
         self._paths = [(f.replace(".", "_"), f.split("."), dict[str, str]()) for f in fields]
         self._time_path = time_field.split(".") if time_field else None
         self._hours: dict[int, str] = {}
+        # Top-level fields only: the scanner hands out their JSON text, so a payload is
+        # not parsed whole; the segments are cached by that text.
+        wanted = [*fields, *([time_field] if time_field else [])]
+        self._names = None if any("." in f for f in wanted) else tuple(f.encode() for f in wanted)
+        self._by_text = [(name, dict[bytes | None, str]()) for name, _, _ in self._paths]
 
     @property
     def spec(self) -> str:
@@ -128,6 +135,9 @@ class Partitioner:
     def split(self, chunk: bytes, received: float) -> tuple[dict[str, list[bytes]], int]:
         """({partition: its lines, in order, each with its newline}, payloads that fell
         back to the arrival time for want of an event time)."""
+        values = field_values(chunk, self._names) if self._names is not None else None
+        if values is not None:
+            return self._split_values(chunk, values, received)
         parts: dict[str, list[bytes]] = {}
         fallbacks = 0
         loads, find, partition = orjson.loads, chunk.find, self.partition
@@ -137,6 +147,45 @@ class Partitioner:
             start = end
             key, fell_back = partition(loads(line), received)
             fallbacks += fell_back
+            lines = parts.get(key)
+            if lines is None:
+                parts[key] = [line]
+            else:
+                lines.append(line)
+        return parts, fallbacks
+
+    def _split_values(
+        self, chunk: bytes, values: list[bytes | None], received: float
+    ) -> tuple[dict[str, list[bytes]], int]:
+        """split(), from the JSON text of each payload's fields (`field_values`)."""
+        parts: dict[str, list[bytes]] = {}
+        fallbacks = 0
+        fields = self._by_text
+        timed = self._time_path is not None
+        width = len(fields) + timed
+        find = chunk.find
+        start = at = 0
+        while end := find(b"\n", start) + 1:
+            line = chunk[start:end]
+            start = end
+            key = ""
+            for k, (name, known) in enumerate(fields):
+                text = values[at + k]
+                segment = known.get(text)
+                if segment is None:
+                    if len(known) >= _VALUES_KEPT:
+                        known.clear()
+                    value = None if text is None else orjson.loads(text)
+                    segment = known[text] = f"{name}={encode_value(value)}/"
+                key += segment
+            if timed:
+                text = values[at + width - 1]
+                ts = None if text is None else event_time(orjson.loads(text))
+                if ts is None:
+                    ts = received
+                    fallbacks += 1
+                key += self._hour(ts)
+            at += width
             lines = parts.get(key)
             if lines is None:
                 parts[key] = [line]
