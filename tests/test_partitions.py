@@ -98,3 +98,28 @@ def test_field_paths():
     for bad in ("a..b", "a,a", "a b", "1a", "a/b"):
         with pytest.raises(ValueError):
             parse_fields(bad)
+
+
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "k": st.none()
+                | st.booleans()
+                | st.integers()
+                | st.text(max_size=4)
+                | st.lists(st.integers(), max_size=2),
+                "ts": st.integers(-10, 2 * 10**12) | st.text(max_size=25) | st.floats(0, 2e9),
+                "n": st.floats(allow_nan=False, allow_infinity=False),
+            },
+        ),
+        max_size=8,
+    )
+)
+def test_the_scanned_fields_split_a_chunk_as_parsing_it_does(payloads):
+    chunk = b"".join(json.dumps(p).encode() + b"\n" for p in payloads)
+    scanned = Partitioner(["k"], "ts")
+    parsed = Partitioner(["k"], "ts")
+    parsed._names = None  # as for a dotted path: every payload parsed whole
+    assert scanned.split(chunk, 1765000000.0) == parsed.split(chunk, 1765000000.0)

@@ -300,3 +300,62 @@ def test_a_repeated_name_anywhere_in_a_payload_is_caught(payloads, data):
     got = _both(body, unique=False)
     if got is not None:  # as sent, where the splitter takes the body at all
         assert got == ("".join(t + "\n" for t in texts).encode(), len(texts), None)
+
+
+# --- field_values: the top-level members a partitioned batch needs, from one scan -------
+
+FIELD_NAMES = st.lists(st.sampled_from(["a", "b", "é", "ts", ""]), min_size=1, max_size=3)
+
+
+def _field_values(chunk: bytes, names: tuple[bytes, ...]) -> list[bytes | None] | None:
+    py = _split_py.field_values(chunk, names)
+    if _split_c is not None:
+        assert _split_c.field_values(chunk, names) == py, chunk
+    return py
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(st.dictionaries(st.sampled_from(["a", "b", "é", "ts", "", "z"]), VALUES), max_size=6),
+    FIELD_NAMES,
+    st.sampled_from([(",", ":"), (", ", ": "), (" , ", " : ")]),
+)
+def test_field_values_are_what_orjson_reads(payloads, names, separators):
+    chunk = b"".join(
+        json.dumps(p, separators=separators, ensure_ascii=False).encode() + b"\n" for p in payloads
+    )
+    wanted = tuple(n.encode() for n in names)
+    got = _field_values(chunk, wanted)
+    if got is None:  # the scanner declines what it cannot vouch for: exponents, say
+        assert any(_split_py.split_payloads(line) is None for line in chunk.splitlines())
+        return
+    assert len(got) == len(payloads) * len(names)
+    for row, payload in enumerate(payloads):
+        for k, name in enumerate(names):
+            text = got[row * len(names) + k]
+            assert (None if text is None else orjson.loads(text)) == payload.get(name)
+
+
+@pytest.mark.parametrize(
+    "chunk, want",
+    [
+        (b'{"a":1,"a":{"x":[2]}}\n', [b'{"x":[2]}']),  # given twice: the last, as orjson
+        (b'{"b":1}\n{}\n', [None, None]),
+        (b' {"a" : "x" } \n', [b'"x"']),
+        (b'{"\\u0061":1}\n', None),  # a name spelt with an escape: only orjson matches it
+        (b'{"a":1}', None),  # no newline
+        (b'[{"a":1}]\n', None),
+        (b'{"a":1}{"a":2}\n', None),
+        (b'{"a":1e5}\n', None),  # the splitter leaves exponents to orjson
+        (b'{"a":"\xff"}\n', None),  # not UTF-8
+        (b"", []),
+    ],
+)
+def test_field_values_cases(chunk, want):
+    assert _field_values(chunk, (b"a",)) == want
+
+
+@given(st.binary(max_size=40) | st.text('{}[]",:\\ 0123456789.-eEtrufalsnuab\n', max_size=40))
+def test_field_values_of_arbitrary_bytes(raw):
+    data = raw if isinstance(raw, bytes) else raw.encode()
+    _field_values(data, (b"a", b"b"))  # the twins agree, and neither raises

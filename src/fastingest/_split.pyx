@@ -5,7 +5,8 @@
 what is returned and when None sends the body to the orjson path. Here the scan is
 C over the body's bytes: no Python object is made until the chunk is copied out, so
 a 10-payload collection costs one pass instead of orjson building every dict and
-string and dumping them again.
+string and dumping them again. ``field_values`` scans a chunk the same way for the
+fields a partitioned batch needs.
 
 The scanning functions take no Python object and hold no reference (``nogil``).
 They are not run with the GIL released: a body is at most a few MiB and is scanned

@@ -17,8 +17,11 @@ batch's arrival time, as without partitions).
   ``MILLIS_FROM`` on) or an RFC 3339 string. A payload whose field is missing or
   unreadable lands under its arrival hour instead, and is counted.
 
-A chunk is always split the same way from its bytes and its arrival time, which the
-spool keeps, so a replay finds each batch's payloads again (see replay.py).
+Top-level fields are read from the chunk by the splitter's scan (``field_values``),
+without parsing whole payloads; a dotted path, or a chunk the scan declines, is parsed
+by orjson, which reads the same values. A chunk is always split the same way from its
+bytes and its arrival time, which the spool keeps, so a replay finds each batch's
+payloads again (see replay.py).
 """
 
 from __future__ import annotations
