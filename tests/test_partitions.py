@@ -110,8 +110,8 @@ def test_field_paths():
                 | st.integers()
                 | st.text(max_size=4)
                 | st.lists(st.integers(), max_size=2),
-                "ts": st.integers(-10, 2 * 10**12) | st.text(max_size=25) | st.floats(0, 2e9),
-                "n": st.floats(allow_nan=False, allow_infinity=False),
+                "ts": st.integers(-10, 2**70) | st.text(max_size=25) | st.floats(0, 2e9),
+                "n": st.floats(allow_nan=False, allow_infinity=False) | st.integers(2**64, 2**70),
             },
         ),
         max_size=8,
@@ -123,3 +123,13 @@ def test_the_scanned_fields_split_a_chunk_as_parsing_it_does(payloads):
     parsed = Partitioner(["k"], "ts")
     parsed._names = None  # as for a dotted path: every payload parsed whole
     assert scanned.split(chunk, 1765000000.0) == parsed.split(chunk, 1765000000.0)
+
+
+def test_an_integer_past_64_bits_is_read_as_orjson_reads_it():
+    p = Partitioner(["k"], "ts")
+    chunk = b'{"k":123456789012345678901234567890,"ts":99999999999999999999999}\n'
+    parts, fallbacks = p.split(chunk, 1765000000.0)
+    assert list(parts) == ["k=1.2345678901234568e%2B29/dt=2025-12-06/hour=05/"]  # a double
+    assert fallbacks == 1  # no year that far: the arrival hour
+    p._names = None
+    assert p.split(chunk, 1765000000.0) == (parts, fallbacks)

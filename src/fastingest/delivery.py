@@ -174,8 +174,11 @@ class Delivery:
                 await upload.reload(self.spool)
             upload.seal()
             return
-        if self._sealing.locked() and upload.parts and upload.on_disk(self.spool):
-            upload.unload()  # wait for a seal thread without its bytes: the spool has them
+        # Wait for a seal thread without the bytes, which the spool has; but not a
+        # partition's batch, whose reading back scans every chunk its range spans.
+        if self._sealing.locked() and upload.parts and upload.partitioner is None:
+            if upload.on_disk(self.spool):
+                upload.unload()
         async with self._sealing:  # so at most one unsealed batch per seal thread is in memory
             if not upload.parts:
                 await upload.reload(self.spool)

@@ -27,6 +27,7 @@ payloads again (see replay.py).
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from collections.abc import Sequence
@@ -45,6 +46,7 @@ LATEST = 253402300799.0  # 9999-12-31T23:59:59Z
 FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*")
 _HOURS_KEPT = 4096  # formatted event hours cached; cleared when full
 _VALUES_KEPT = 4096  # a field's encoded string values cached; cleared when full
+SCANNED_FIELDS = 16  # names field_values looks for at most (_split.pyx's MAX_FIELDS)
 
 
 def parse_fields(text: str) -> tuple[str, ...]:
@@ -70,7 +72,7 @@ def encode_value(value: Any) -> str:
     if isinstance(value, str):
         text = value
     else:  # numbers, booleans, objects, arrays: as JSON writes them
-        text = orjson.dumps(value).decode()
+        text = _dumps(value)
     encoded = quote(text, safe="")
     if len(encoded) <= MAX_VALUE_CHARS:
         return encoded
@@ -116,7 +118,8 @@ class Partitioner:
         # Top-level fields only: the scanner hands out their JSON text, so a payload is
         # not parsed whole; the segments are cached by that text.
         wanted = [*fields, *([time_field] if time_field else [])]
-        self._names = None if any("." in f for f in wanted) else tuple(f.encode() for f in wanted)
+        simple = len(wanted) <= SCANNED_FIELDS and not any("." in f for f in wanted)
+        self._names = tuple(f.encode() for f in wanted) if simple else None
         self._by_text = [(name, dict[bytes | None, str]()) for name, _, _ in self._paths]
 
     @property
@@ -143,7 +146,7 @@ class Partitioner:
             return self._split_values(chunk, values, received)
         parts: dict[str, list[bytes]] = {}
         fallbacks = 0
-        loads, find, partition = orjson.loads, chunk.find, self.partition
+        loads, find, partition = _loads, chunk.find, self.partition
         start = 0
         while end := find(b"\n", start) + 1:
             line = chunk[start:end]
@@ -178,12 +181,11 @@ class Partitioner:
                 if segment is None:
                     if len(known) >= _VALUES_KEPT:
                         known.clear()
-                    value = None if text is None else orjson.loads(text)
+                    value = None if text is None else _loads(text)
                     segment = known[text] = f"{name}={encode_value(value)}/"
                 key += segment
             if timed:
-                text = values[at + width - 1]
-                ts = None if text is None else event_time(orjson.loads(text))
+                ts = _event_time_of(values[at + width - 1])
                 if ts is None:
                     ts = received
                     fallbacks += 1
@@ -230,6 +232,36 @@ class Partitioner:
                 self._hours.clear()
             text = self._hours[hour] = hour_segments(hour * 3600)
         return text
+
+
+def _loads(text: bytes) -> Any:
+    """A payload or a value, as orjson reads it; an integer past 64 bits (which the
+    splitter lets through on one line) by the stdlib; None if neither can."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(text)
+        except ValueError:
+            return None
+
+
+def _dumps(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # an integer past 64 bits
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _event_time_of(text: bytes | None) -> float | None:
+    """event_time() of a field's JSON text; epoch numbers without parsing JSON."""
+    if text is None:
+        return None
+    if text.isdigit():  # an integer, the usual event time: int() reads it as orjson would
+        number = int(text)
+        ts = number / 1000 if number >= MILLIS_FROM else float(number)
+        return ts if ts <= LATEST else None
+    return event_time(_loads(text))
 
 
 def _get(payload: Any, path: list[str]) -> Any:
