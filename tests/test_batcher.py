@@ -4,6 +4,7 @@ boundaries recorded in the spool before it is handed on."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import zstandard
@@ -264,5 +265,38 @@ def test_a_parquet_batch_is_left_for_a_seal_thread(tmp_path):
         upload.seal()
         assert [o.key for o in upload.objects()] == [upload.rejects_key, upload.key]
         assert upload.metadata()["fastingest-payloads"] == "1" and upload.rejected == 1
+
+    asyncio.run(main())
+
+
+def test_a_few_partitions_batches_wait_for_a_seal_thread_with_their_bytes(tmp_path, monkeypatch):
+    from fastingest.delivery import HOLD_WAITING
+
+    async def main() -> None:
+        rig = Rig(tmp_path, partition_by=("k",), max_open_partitions=1, batch_max_age=60)
+        rig.start()
+        for i in range(HOLD_WAITING + 3):  # each closes the one before: one partition open
+            rig.submit(b'{"k":%d,"pad":"%s"}\n' % (i, b"x" * 70_000))
+        rig.batcher.intake.close()
+        assert rig.task is not None
+        await rig.task
+        uploads = rig.handed_over()
+        release = threading.Event()
+        seal = Upload.seal
+
+        def slow_seal(upload: Upload) -> None:
+            release.wait(10)
+            seal(upload)
+
+        monkeypatch.setattr(Upload, "seal", slow_seal)
+        loading = [asyncio.create_task(rig.delivery._load(u)) for u in uploads]
+        await asyncio.sleep(0.2)
+        # One in the seal thread, four waiting with their bytes, the rest without.
+        assert [bool(u.parts) for u in uploads] == [True] * (1 + HOLD_WAITING) + [False] * 2
+        release.set()
+        await asyncio.gather(*loading)
+        assert all(u.sha256 and u.payloads == 1 for u in uploads)  # read back from the spool
+        assert rig.delivery._holding == 0
+        await rig.spool.close()
 
     asyncio.run(main())
