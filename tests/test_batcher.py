@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 
+import pytest
 import zstandard
 
 from fastingest.batcher import Batcher
@@ -269,11 +270,16 @@ def test_a_parquet_batch_is_left_for_a_seal_thread(tmp_path):
     asyncio.run(main())
 
 
-def test_a_few_partitions_batches_wait_for_a_seal_thread_with_their_bytes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["parquet", "ndjson"])
+def test_while_the_seal_thread_is_busy(tmp_path, monkeypatch, fmt):
+    """A few partitions' Parquet batches wait for it with their bytes, the rest without;
+    an NDJSON batch is compressed on the loop instead of waiting."""
     from fastingest.delivery import HOLD_WAITING
 
     async def main() -> None:
-        rig = Rig(tmp_path, partition_by=("k",), max_open_partitions=1, batch_max_age=60)
+        rig = Rig(
+            tmp_path, format=fmt, partition_by=("k",), max_open_partitions=1, batch_max_age=60
+        )
         rig.start()
         for i in range(HOLD_WAITING + 3):  # each closes the one before: one partition open
             rig.submit(b'{"k":%d,"pad":"%s"}\n' % (i, b"x" * 70_000))
@@ -285,14 +291,17 @@ def test_a_few_partitions_batches_wait_for_a_seal_thread_with_their_bytes(tmp_pa
         seal = Upload.seal
 
         def slow_seal(upload: Upload) -> None:
-            release.wait(10)
+            if threading.current_thread() is not threading.main_thread():  # a seal thread
+                release.wait(10)
             seal(upload)
 
         monkeypatch.setattr(Upload, "seal", slow_seal)
         loading = [asyncio.create_task(rig.delivery._load(u)) for u in uploads]
         await asyncio.sleep(0.2)
-        # One in the seal thread, four waiting with their bytes, the rest without.
-        assert [bool(u.parts) for u in uploads] == [True] * (1 + HOLD_WAITING) + [False] * 2
+        if fmt == "parquet":  # one in the seal thread, four waiting with their bytes
+            assert [bool(u.parts) for u in uploads] == [True] * (1 + HOLD_WAITING) + [False] * 2
+        else:  # one in the seal thread, the others compressed here
+            assert [bool(u.sha256) for u in uploads] == [False] + [True] * (HOLD_WAITING + 2)
         release.set()
         await asyncio.gather(*loading)
         assert all(u.sha256 and u.payloads == 1 for u in uploads)  # read back from the spool

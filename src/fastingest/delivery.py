@@ -171,7 +171,11 @@ class Delivery:
         (or converted to Parquet, always in a seal thread)."""
         if upload.sha256:
             return
-        if upload.raw_size <= SEAL_IN_THREAD_BYTES and upload.writer is None:
+        small = upload.raw_size <= SEAL_IN_THREAD_BYTES
+        if upload.writer is None and (small or (upload.parts and self._sealing.locked())):
+            # Small, or an NDJSON batch whose bytes are at hand while the seal threads are
+            # busy: compressing it here costs the loop less than keeping its bytes while
+            # it waits, or reading a partition's batch back.
             if not upload.parts:
                 await upload.reload(self.spool)
             upload.seal()
