@@ -425,3 +425,32 @@ async def kill_during_load(server: Server, pause: float, load_args: dict[str, An
     await asyncio.sleep(pause)
     server.proc.kill()
     await task
+
+
+def rich_payload(i: int) -> dict[str, Any]:
+    """A payload with what analysts' readers must keep: unicode, 64-bit integers, floats,
+    booleans, a null, an array and nested objects."""
+    return {
+        "id": i,
+        "name": f"zoë-日本-😀-{i}",
+        "big": 2**63 - 1 - i,
+        "neg": -(2**63) + i,
+        "ratio": i / 8,
+        "ok": i % 2 == 0,
+        "missing": None,
+        "tags": ["a", f"t{i % 3}"],
+        "user": {"id": f"u{i}", "geo": {"lat": 48.5 + i / 1000, "lon": -2.25}},
+    }
+
+
+def pyarrow_s3(s3_env: dict[str, str]) -> Any:
+    """pyarrow's own S3 client, on the S3 server of `s3_env` (plain HTTP)."""
+    import pyarrow.fs
+
+    return pyarrow.fs.S3FileSystem(
+        access_key=s3_env["AWS_ACCESS_KEY_ID"],
+        secret_key=s3_env["AWS_SECRET_ACCESS_KEY"],
+        region=s3_env["AWS_REGION"],
+        endpoint_override=s3_env["AWS_ENDPOINT_URL"],
+        scheme="http",
+    )

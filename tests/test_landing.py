@@ -27,7 +27,16 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 import pytest
 
-from support import Server, kill_during_load, post_forms, request, unpack, wait_until
+from support import (
+    Server,
+    kill_during_load,
+    post_forms,
+    pyarrow_s3,
+    request,
+    rich_payload,
+    unpack,
+    wait_until,
+)
 
 N = 240
 COUNTRIES = ["DE", "a/b é=?%", None, "日本"]
@@ -36,18 +45,7 @@ PARTITIONING = ["--partition-by", "country", "--time-field", "at", "--batch-max-
 
 
 def event(i: int) -> dict[str, Any]:
-    p: dict[str, Any] = {
-        "id": i,
-        "name": f"zoë-日本-😀-{i}",
-        "big": 2**63 - 1 - i,
-        "neg": -(2**63) + i,
-        "ratio": i / 8,
-        "ok": i % 2 == 0,
-        "missing": None,
-        "tags": ["a", f"t{i % 3}"],
-        "user": {"id": f"u{i}", "geo": {"lat": 48.5 + i / 1000, "lon": -2.25}},
-        "country": COUNTRIES[i % 4],
-    }
+    p = {**rich_payload(i), "country": COUNTRIES[i % 4]}
     if i % 10 != 9:  # every tenth has no event time: it lands under its arrival hour
         p["at"] = EVENT_TIMES[i % 3]
     return p
@@ -154,13 +152,7 @@ def test_parquet_over_the_s3_api_read_by_pyarrow_and_duckdb(tmp_path, s3, bucket
     acked = post_forms(server, [event(i) for i in range(N)])
     assert server.stop() == 0
     days |= utc_days()
-    s3fs = pyarrow.fs.S3FileSystem(
-        access_key=s3_env["AWS_ACCESS_KEY_ID"],
-        secret_key=s3_env["AWS_SECRET_ACCESS_KEY"],
-        region=s3_env["AWS_REGION"],
-        endpoint_override=s3_env["AWS_ENDPOINT_URL"],
-        scheme="http",
-    )
+    s3fs = pyarrow_s3(s3_env)
     rows = dataset_rows(s3fs, f"{bucket}/events")
     check_rows(rows, acked, days)
     for entry in s3.list_objects_v2(Bucket=bucket)["Contents"]:  # each with its metadata

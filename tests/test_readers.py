@@ -20,23 +20,13 @@ import pyarrow.fs
 import pyarrow.json
 import pytest
 
-from support import Server, post_forms
+from support import Server, post_forms, pyarrow_s3, rich_payload
 
 N = 300  # payloads, in requests of every body form
 
 
 def payload(i: int) -> dict[str, Any]:
-    return {
-        "id": i,
-        "name": f"zoë-日本-😀-{i}",
-        "big": 2**63 - 1 - i,
-        "neg": -(2**63) + i,
-        "ratio": i / 8,
-        "ok": i % 2 == 0,
-        "missing": None,
-        "tags": ["a", f"t{i % 3}"],
-        "user": {"id": f"u{i}", "geo": {"lat": 48.5 + i / 1000, "lon": -2.25}},
-    }
+    return rich_payload(i)
 
 
 def send(server: Server) -> int:
@@ -113,12 +103,6 @@ def test_pyarrow_reads_the_bucket_over_the_s3_api(tmp_path, bucket, s3_env):
     acked = send(server)
     assert server.stop() == 0
     days.add(utc_day())
-    s3 = pyarrow.fs.S3FileSystem(
-        access_key=s3_env["AWS_ACCESS_KEY_ID"],
-        secret_key=s3_env["AWS_SECRET_ACCESS_KEY"],
-        region=s3_env["AWS_REGION"],
-        endpoint_override=s3_env["AWS_ENDPOINT_URL"],
-        scheme="http",
-    )
+    s3 = pyarrow_s3(s3_env)
     assert len(s3.get_file_info(pyarrow.fs.FileSelector(bucket, recursive=True))) >= N // 70
     check_rows(pyarrow_rows(s3, f"{bucket}/events"), acked, days)

@@ -152,11 +152,7 @@ class Partitioner:
             start = end
             key, fell_back = partition(loads(line), received)
             fallbacks += fell_back
-            lines = parts.get(key)
-            if lines is None:
-                parts[key] = [line]
-            else:
-                lines.append(line)
+            parts.setdefault(key, []).append(line)
         return parts, fallbacks
 
     def _split_values(
@@ -190,11 +186,7 @@ class Partitioner:
                     fallbacks += 1
                 key += self._hour(ts)
             at += width
-            lines = parts.get(key)
-            if lines is None:
-                parts[key] = [line]
-            else:
-                lines.append(line)
+            parts.setdefault(key, []).append(line)
         return parts, fallbacks
 
     def select(self, chunk: bytes, received: float, partition: str) -> list[bytes]:
