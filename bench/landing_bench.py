@@ -93,7 +93,7 @@ def build(root: Path, lines: list[bytes], batch: int, fmt: str) -> dict[str, flo
             payloads=len(part),
             parts=part,
             writer=writer,
-            rejects_key=keys.rejects(key, "zstd") if writer else "",
+            keys=keys,
         )
         started = time.process_time()
         upload.seal()

@@ -223,9 +223,15 @@ def test_open_partitions_share_a_byte_budget(tmp_path):
     from fastingest.batcher import OPEN_BATCHES
 
     async def main() -> None:
-        rig = Rig(tmp_path, partition_by=("k",), batch_max_bytes=64 * 1024, batch_max_age=60)
+        rig = Rig(
+            tmp_path,
+            partition_by=("k",),
+            batch_max_bytes=64 * 1024,
+            batch_max_age=60,
+            max_open_partitions=100_000,  # so that only the bytes bound them
+        )
         rig.start()
-        pad = "x" * 1000
+        pad = "x" * 2000
         for i in range(OPEN_BATCHES * 64 + 10):  # a distinct value each: all early closes
             rig.submit(b'{"k":%d,"pad":"%s"}\n' % (i, pad.encode()))
         assert await until(lambda: rig.jobs.qsize() >= 10)

@@ -177,9 +177,8 @@ class Upload:
     body: bytes = b""  # compressed: by the batcher as the batch grew, or by seal()
     sha256: str = ""  # of the body as stored, for downstream completeness checks; "" unsealed
     content_md5: str = ""  # of the stored body, sent as Content-MD5
-    format: str = "ndjson"
-    writer: ParquetWriter | None = None  # for format "parquet"
-    rejects_key: str = ""
+    writer: ParquetWriter | None = None  # converts it to Parquet when it is sealed
+    rejects_key: str = ""  # where a Parquet batch's misfits go
     rejects: Upload | None = None  # set by seal(): the payloads the format did not take
     partition: str = ""  # a partition's batch: only its payloads of the chunks it holds
     partitioner: Partitioner | None = None  # finds them again when read back from the spool
@@ -201,15 +200,20 @@ class Upload:
         sealed: tuple[bytes, str, str] = (b"", "", ""),
         parts: list[bytes] | None = None,
         writer: ParquetWriter | None = None,
-        rejects_key: str = "",
+        keys: KeyMaker | None = None,
         partition: str = "",
         partitioner: Partitioner | None = None,
         holds: tuple[int, ...] | None = None,
     ) -> Upload:
         """A batch of chunks `seqs` (its marker in the spool at the first): sealed, as the
         batcher closes an NDJSON batch; or `parts` to seal, or to be read back from the
-        spool and sealed by a worker."""
+        spool and sealed by a worker. A Parquet batch (`writer`) needs the `keys` that
+        name where its misfits go."""
         body, sha256, content_md5 = sealed
+        rejects_key = ""
+        if writer is not None:
+            assert keys is not None
+            rejects_key = keys.rejects(key, ndjson_compression(compression))
         return cls(
             key,
             parts or [],
@@ -225,13 +229,16 @@ class Upload:
             body=body,
             sha256=sha256,
             content_md5=content_md5,
-            format="ndjson" if writer is None else "parquet",
             writer=writer,
             rejects_key=rejects_key,
             partition=partition,
             partitioner=partitioner,
             holds=holds,
         )
+
+    @property
+    def format(self) -> str:
+        return "ndjson" if self.writer is None else "parquet"
 
     @property
     def chunks(self) -> Iterable[int]:
@@ -421,9 +428,7 @@ class Batch:
             sealed=sealed,
             parts=self.pending if self.encoder is None else None,
             writer=self.writer,
-            rejects_key=keys.rejects(key, ndjson_compression(self.compression))
-            if self.writer is not None
-            else "",
+            keys=keys,
             partition=self.partition,
             partitioner=self.partitioner,
             holds=tuple(self.holds) if self.partitioner is not None else None,

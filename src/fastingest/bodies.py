@@ -36,8 +36,8 @@ from fastingest.split import members_unique, split_payloads
 # An integer of 19 or more digits may lie outside [-2**63, 2**64), which orjson reads as a float.
 # Found by mapping every digit to "0" and searching for 19 of them: one C pass over the body
 # (a regex \d{19,} restarts at every digit).
-_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x2E for byte in range(256))
-_LONG_DIGIT_RUN = b"0" * 19
+DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x2E for byte in range(256))
+LONG_DIGIT_RUN = b"0" * 19
 ORJSON_MAX_DEPTH = 254  # containers orjson writes at most
 JSON_TYPES = frozenset({"application/json"})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
@@ -197,7 +197,7 @@ def _int64(text: str) -> int:
 
 def _check_integers(body: bytes) -> None:
     """Refuse an integer orjson would have turned into a float; only long digit runs pay."""
-    if _LONG_DIGIT_RUN in body.translate(_DIGITS_AS_ZERO):
+    if LONG_DIGIT_RUN in body.translate(DIGITS_AS_ZERO):
         json.loads(body, parse_int=_int64)  # exact integers; the body is already valid JSON
 
 

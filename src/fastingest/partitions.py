@@ -127,9 +127,7 @@ class Partitioner:
         return orjson.dumps({"fields": self.fields, "time_field": self.time_field}).decode()
 
     @classmethod
-    def from_spec(cls, spec: str) -> Partitioner | None:
-        if not spec:
-            return None
+    def from_spec(cls, spec: str) -> Partitioner:
         loaded = orjson.loads(spec)
         return cls(loaded["fields"], loaded["time_field"])
 

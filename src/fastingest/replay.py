@@ -21,7 +21,7 @@ from collections import defaultdict
 
 from fastingest import metrics
 from fastingest.batcher import Batcher, parquet_writer
-from fastingest.batching import Upload, extension, ndjson_compression, per_payload
+from fastingest.batching import Upload, extension, per_payload
 from fastingest.parquet import ParquetWriter
 from fastingest.partitions import Partitioner
 from fastingest.spool_records import BATCH, DATA, Marker, Record
@@ -77,11 +77,6 @@ def _writer(fmt: str, compression: str, batcher: Batcher) -> ParquetWriter | Non
     return parquet_writer(batcher.settings, compression)
 
 
-def _rejects_key(key: str, compression: str, batcher: Batcher) -> str:
-    assert batcher.keys is not None
-    return batcher.keys.rejects(key, ndjson_compression(compression))
-
-
 def _recorded(
     marker: Marker, data: dict[int, Record], lowest: int, batcher: Batcher
 ) -> Upload | None:
@@ -109,7 +104,7 @@ def _recorded(
         payloads=sum(c.body.count(b"\n") for c in chunks),
         excluded=marker.excluded | frozenset(missing),
         writer=writer,
-        rejects_key=_rejects_key(marker.key, marker.compression, batcher) if writer else "",
+        keys=batcher.keys,
     )
 
 
@@ -160,7 +155,7 @@ async def _rebatch(chunks: list[Record], batcher: Batcher) -> None:
         raw_size=sum(len(c.body) for c in chunks),
         payloads=sum(c.body.count(b"\n") for c in chunks),
         writer=writer,
-        rejects_key=_rejects_key(key, compression, batcher) if writer else "",
+        keys=batcher.keys,
     )
     await batcher.record(upload)
     metrics.BATCHES_CLOSED.inc()
@@ -179,9 +174,10 @@ async def _replay_partitions(
     by_seq = {r.seq: r for r in chunks}
     for r in chunks:
         spec = specs[r.epoch]
-        p = partitioners.get(spec) or partitioners.setdefault(spec, _from_spec(spec))
-        owner[r.seq] = p
-        split[r.seq] = p.split(r.body, r.time)[0]
+        if spec not in partitioners:
+            partitioners[spec] = Partitioner.from_spec(spec)
+        owner[r.seq] = partitioners[spec]
+        split[r.seq] = owner[r.seq].split(r.body, r.time)[0]
     holders: dict[int, int] = defaultdict(int)  # seq -> objects that settle it
     covered: set[tuple[int, str]] = set()
     parked: list[Upload] = []
@@ -210,7 +206,7 @@ async def _replay_partitions(
                 payloads=len(lines),
                 excluded=m.excluded,
                 writer=writer,
-                rejects_key=_rejects_key(m.key, m.compression, batcher) if writer else "",
+                keys=batcher.keys,
                 partition=m.partition,
                 partitioner=owner[held[0]],
                 holds=tuple(held),
@@ -246,12 +242,6 @@ async def _replay_partitions(
         await _rebatch_partition(partition, group, split, by_seq, owner, batcher)
 
 
-def _from_spec(spec: str) -> Partitioner:
-    partitioner = Partitioner.from_spec(spec)
-    assert partitioner is not None
-    return partitioner
-
-
 async def _rebatch_partition(
     partition: str,
     seqs: list[int],
@@ -285,7 +275,7 @@ async def _rebatch_partition(
         payloads=len(lines),
         parts=lines,
         writer=writer,
-        rejects_key=_rejects_key(key, s.compression, batcher) if writer else "",
+        keys=batcher.keys,
         partition=partition,
         partitioner=partitioner,
         holds=tuple(seqs),
