@@ -11,6 +11,7 @@ from typing import Any
 
 import boto3
 import pytest
+from hypothesis import settings
 from moto.server import ThreadedMotoServer
 
 import seaweed
@@ -26,6 +27,12 @@ except ImportError:  # pragma: no cover - only without a compiler
 IMPLS = [pytest.param(_queue_py.RingQueue, id="py")]
 if _queue_c is not None:
     IMPLS.insert(0, pytest.param(_queue_c.RingQueue, id="c"))
+
+
+# CI draws the same examples on every clone, so what lands never hangs on a rare draw;
+# a local run explores new ones each time.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("FASTINGEST_HYPOTHESIS_PROFILE", "default"))
 
 
 def pytest_configure(config: pytest.Config) -> None:
