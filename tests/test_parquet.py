@@ -75,6 +75,28 @@ def test_misfits_of_an_inferred_batch_come_back_in_order_with_their_reason():
     assert table.column("id").to_pylist() == [None, None, None, "12345678901234567890123"]
 
 
+@pytest.mark.parametrize(
+    "schema",
+    [
+        None,
+        pa.schema([("a", pa.float64()), ("l", pa.list_(pa.float64())),
+                   ("s", pa.struct([("x", pa.float64())]))]),
+        pa.schema([("a", pa.float64()), ("l", pa.list_(pa.uint64())),
+                   ("s", pa.struct([("x", pa.float64())]))]),
+    ],
+    ids=["inferred", "floats", "uint64"],
+)  # fmt: skip
+def test_an_integer_past_64_bits_is_a_misfit_wherever_it_hides(schema):
+    # Read alone, each batch fits: pyarrow would keep the integer as a double.
+    fine = lines({"a": 1.5, "l": [1], "s": {"x": 1e19}}, {"a": 2, "l": [], "s": None})
+    for bad in (b'{"a":-9223372036854775809}\n', b'{"l":[1, 18446744073709551616]}\n',
+                b'{"s":{"x":100000000000000000000}}\n'):  # fmt: skip
+        body, rows, rejects = ParquetWriter("zstd", schema).convert(b"".join([*fine, bad]))
+        assert rejects == [(bad, "an integer outside the 64-bit range")]
+        table = read(body)
+        assert rows == 2 and table.column("s").to_pylist() == [{"x": 1e19}, None]
+
+
 def test_a_schema_fixes_columns_and_sends_what_does_not_fit_to_the_rejects(tmp_path):
     spec = {
         "fields": [

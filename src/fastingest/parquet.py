@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 REJECTS_PREFIX = "format-conversion-failed/"
 ROW_GROUP_ROWS = 65_536
 PAGE_COMPRESSIONS = ("zstd", "snappy", "gzip", "none")
+# A column whose distinct values outgrow this is written plain: ids and free text cost
+# more to dictionary-encode than they save; "type"-like columns stay dictionaries.
+DICTIONARY_PAGE_BYTES = 16 * 1024
+_TWO_63 = float(1 << 63)
 INSTALL_HINT = "--format parquet needs pyarrow: pip install 'fastingest[parquet]'"
 
 _BEFORE_NUMBER = frozenset(b":,[-")  # what can precede an integer token, blanks aside
@@ -131,6 +135,8 @@ class ParquetWriter:
             raise ValueError(f"unknown Parquet compression {compression!r}")
         self.compression = compression
         self.schema = schema
+        # A uint64 column reads integers past the signed range as integers: the text decides.
+        self._unsigned = schema is not None and any(_holds_uint64(f.type) for f in schema)
 
     def convert(self, data: bytes) -> tuple[bytes, int, list[tuple[bytes, str]]]:
         """(Parquet body, or b"" when no line fits; rows in it; [(line, why it did not fit)]).
@@ -140,14 +146,13 @@ class ParquetWriter:
         """
         import pyarrow as pa
 
+        try:
+            table = _read_json(data, self.schema)
+            if table.num_columns and not self._unsigned and _no_long_integers(table):
+                return self._write([table], self.schema), table.num_rows, []
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            pass
         suspects = _long_integer_lines(data)
-        if not suspects:
-            try:
-                table = _read_json(data, self.schema)
-                if table.num_columns:
-                    return self._write([table], self.schema), table.num_rows, []
-            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-                pass
         lines = [ln + b"\n" for ln in data.split(b"\n")[:-1]]
         rejects: list[tuple[bytes, str]] = []
         fitting = []
@@ -215,6 +220,7 @@ class ParquetWriter:
             out,
             compression=self.compression if self.compression != "none" else None,
             row_group_size=ROW_GROUP_ROWS,
+            dictionary_pagesize_limit=DICTIONARY_PAGE_BYTES,
             coerce_timestamps="us",
             allow_truncated_timestamps=False,
         )
@@ -260,6 +266,37 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
         for f in schema
     ]
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _no_long_integers(table: pa.Table) -> bool:
+    """True if no integer past 64 bits was read as a float: every such integer reads as
+    a float of magnitude 2**63 or more, so floats below that prove there was none.
+    Otherwise (a float that large, maybe sent as one) the text is checked line by line."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def small(values: pa.Array) -> bool:
+        kind = values.type
+        if pa.types.is_floating(kind):
+            top = pc.max(pc.abs(values)).as_py()
+            return top is None or top < _TWO_63
+        if pa.types.is_struct(kind):
+            return all(small(values.field(i)) for i in range(kind.num_fields))
+        if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+            return small(values.flatten())
+        return True
+
+    return all(small(chunk) for column in table.columns for chunk in column.chunks)
+
+
+def _holds_uint64(kind: pa.DataType) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_struct(kind):
+        return any(_holds_uint64(kind.field(i).type) for i in range(kind.num_fields))
+    if pa.types.is_list(kind):
+        return _holds_uint64(kind.value_type)
+    return bool(pa.types.is_uint64(kind))
 
 
 def _long_integer_lines(data: bytes) -> set[bytes]:
