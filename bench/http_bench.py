@@ -9,8 +9,10 @@ For each server: start its sink (moto_server on 127.0.0.1, or a directory), star
 the server, warm up, measure for --duration seconds with wrk and
 ../shared/anchors/wrk/post.lua, stop it with SIGTERM, then read back and count
 every payload that landed. Prints req/s, payloads/s, p50/p99, non-2xx, peak
-RSS, landed vs acknowledged, bytes stored per payload, and each row's ratio to the
-first row; writes
+RSS, landed vs acknowledged, bytes stored per payload, landed/s (what landed over the
+seconds from the load's start until the server exited, having stored everything: the
+rate it keeps up with, where payloads/s is the rate it accepts), and each row's ratio
+to the first row; writes
 JSON and a PNG chart to bench/results/. With --runs K the servers are run in K
 interleaved rounds, every other one in reverse order, and each row shows its median
 round (every round is in the JSON): this host is shared, and one slow minute can halve
@@ -77,6 +79,9 @@ class Result:
     stop_s: float
     steal_pct: float | None = None  # of all CPU time while measuring (None: not Linux)
     stored_bytes: int | None = None  # of the objects that landed (file sink)
+    # Landed payloads over the seconds from the load's start to the server's exit (it
+    # stores everything before exiting): the rate it keeps up with, not only accepts.
+    landed_s: float | None = None
 
 
 def free_port() -> int:
@@ -299,6 +304,8 @@ def run_one(
     shutil.rmtree(work, ignore_errors=True)
     seconds = run["duration_us"] / 1e6
     ok = run["requests"] - run["err_status"]
+    loaded = (warm["duration_us"] + run["duration_us"]) / 1e6
+    landed_s = None if landed is None else landed / (loaded + stopped)
     return Result(
         server.name,
         n,
@@ -317,6 +324,7 @@ def run_one(
         stopped,
         steal,
         stored,
+        landed_s,
     )
 
 
@@ -400,16 +408,19 @@ def worse(a: float | None, b: float | None) -> float | None:
 def table(results: list[Result]) -> str:
     base = results[0]
     rows = [
-        "| server | N | req/s | payloads/s | vs first | p50 ms | p99 ms | non-2xx | "
-        "landed / acked | B/payload | RSS MiB | stop | steal % |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|",
+        "| server | N | req/s | payloads/s | vs first | landed/s | vs first | p50 ms | p99 ms | "
+        "non-2xx | landed / acked | B/payload | RSS MiB | stop | steal % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|",
     ]
     for r in results:
         landed = "n/a" if r.landed is None else f"{r.landed:,} / {r.acked:,}"
         per = "n/a" if not r.stored_bytes or not r.landed else f"{r.stored_bytes / r.landed:.0f}"
+        kept = "n/a | n/a"
+        if r.landed_s is not None and base.landed_s:
+            kept = f"{r.landed_s:,.0f} | {r.landed_s / base.landed_s:.2f}x"
         rows.append(
             f"| {r.name} | {r.n} | {r.req_s:,.0f} | {r.payloads_s:,.0f} | "
-            f"{r.payloads_s / base.payloads_s:.2f}x | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
+            f"{r.payloads_s / base.payloads_s:.2f}x | {kept} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
             f"{r.non2xx} | {landed} | {per} | {r.rss_mib:.0f} | rc={r.stop_rc} "
             f"{r.stop_s:.1f}s | {percent(r.steal_pct)} |"
         )
@@ -466,6 +477,8 @@ def pairs(runs: dict[tuple[str, int], list[Result]], quiet: float) -> list[dict[
         ratios = [ratio for ratio, _ in both]
         calm = [ratio for ratio, steal in both if steal is not None and steal <= quiet]
         rounds = [{"ratio": ratio, "steal_pct": steal} for ratio, steal in both]
+        kept = [a.landed_s / b.landed_s for a, b in zip(mine, theirs, strict=False)
+                if a.landed_s and b.landed_s]  # fmt: skip
         out.append(
             {
                 "n": n,
@@ -474,6 +487,8 @@ def pairs(runs: dict[tuple[str, int], list[Result]], quiet: float) -> list[dict[
                 "median": statistics.median(ratios) if ratios else None,
                 "quiet_median": statistics.median(calm) if calm else None,
                 "quiet_rounds": len(calm),
+                "landed_rounds": kept,
+                "landed_median": statistics.median(kept) if kept else None,
             }
         )
     return out
@@ -492,6 +507,11 @@ def pairs_text(found: list[dict[str, Any]], first: str, quiet: float) -> str:
             f"  N={p['n']}, over {p['over']}: {each}; median {median}, "
             f"quiet {calm} ({p['quiet_rounds']} of {len(p['rounds'])})"
         )
+        if p.get("landed_median") is not None:
+            kept = " / ".join(f"{k:.2f}x" for k in p["landed_rounds"])
+            lines.append(
+                f"    landed/s (load start to exit): {kept}; median {p['landed_median']:.2f}x"
+            )
     return "\n".join(lines)
 
 
