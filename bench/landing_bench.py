@@ -5,7 +5,8 @@
 
 Builds the same payloads (shaped like ../shared/anchors/wrk/post.lua's: nested
 user, device and props, a 6-valued "type", epoch-ms "ts") into two trees, batch by
-batch as the service does: each batch of --batch payloads becomes one object,
+batch as the service does: a batch closes at the service's --batch-max-bytes or
+--batch-max-payloads (4 MiB or 50,000 by default) and becomes one object,
 sealed by the service's own code (``Upload.seal``: the zstd NDJSON encoder, or the
 Parquet writer with inferred schema), under ``dt=/hour=`` keys. Then reports, for
 each format, bytes stored per payload, the seal CPU per payload, and DuckDB's time
@@ -29,6 +30,7 @@ import orjson
 
 from bench import parse_args, write_results
 from fastingest.batching import KeyMaker, Upload, extension
+from fastingest.config import Settings
 from fastingest.parquet import ParquetWriter
 
 TYPES = ["page_view", "click", "purchase", "signup", "scroll", "error"]
@@ -73,19 +75,32 @@ def payloads(n: int, seed: int = 42) -> list[bytes]:
     ]
 
 
-def build(root: Path, lines: list[bytes], batch: int, fmt: str) -> dict[str, float]:
+def batches(lines: list[bytes], max_bytes: int, max_payloads: int) -> list[range]:
+    """Where the service closes batches: at `max_bytes` or `max_payloads`, whichever first."""
+    out, first, size = [], 0, 0
+    for i, line in enumerate(lines):
+        size += len(line)
+        if size >= max_bytes or i + 1 - first >= max_payloads:
+            out.append(range(first, i + 1))
+            first, size = i + 1, 0
+    if first < len(lines):
+        out.append(range(first, len(lines)))
+    return out
+
+
+def build(root: Path, lines: list[bytes], spans: list[range], fmt: str) -> dict[str, float]:
     """Seal `lines` into objects under `root` as the service does; bytes and seal CPU."""
     keys = KeyMaker("", "bench", 1, host="h")
     writer = ParquetWriter("zstd") if fmt == "parquet" else None
     stored = 0
     cpu = 0.0
-    for first in range(0, len(lines), batch):
-        part = lines[first : first + batch]
+    for span in spans:
+        part = lines[span.start : span.stop]
         opened = orjson.loads(part[0])["ts"] / 1000
-        key = keys.batch(opened, first, first + len(part) - 1, extension(fmt, "zstd"))
+        key = keys.batch(opened, span.start, span.stop - 1, extension(fmt, "zstd"))
         upload = Upload.batch(
             key,
-            range(first, first + len(part)),
+            span,
             "zstd",
             opened=opened,
             last=opened,
@@ -120,15 +135,25 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--payloads", type=int, default=1_000_000)
-    ap.add_argument("--batch", type=int, default=50_000, help="payloads per object")
+    defaults = Settings()
+    ap.add_argument(
+        "--batch-max-bytes", type=int, default=defaults.batch_max_bytes, help="as the service's"
+    )
+    ap.add_argument(
+        "--batch-max-payloads",
+        type=int,
+        default=defaults.batch_max_payloads,
+        help="as the service's",
+    )
     args = parse_args(ap, argv, reps=3)
     lines = payloads(args.payloads)
+    spans = batches(lines, args.batch_max_bytes, args.batch_max_payloads)
     formats = ("ndjson", "parquet")
     stats: dict[str, dict[str, Any]] = {}
     answers: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="fi-landing-") as tmp:
         for fmt in formats:
-            stats[fmt] = build(Path(tmp) / fmt, lines, args.batch, fmt)
+            stats[fmt] = build(Path(tmp) / fmt, lines, spans, fmt)
             stats[fmt]["seconds"] = {q: [] for q in QUERIES}
         con = duckdb.connect()
         for rep in range(args.reps):
@@ -141,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                     answers.setdefault(name, {})[fmt] = rows
     for name, by_fmt in answers.items():  # the two trees must hold the same table
         assert by_fmt["ndjson"] == by_fmt["parquet"], (name, by_fmt)
-    print(f"{args.payloads:,} payloads, {args.batch:,} per object, {args.reps} reps (median)\n")
+    each = args.payloads / len(spans)
+    print(f"{args.payloads:,} payloads, {each:,.0f} per object, {args.reps} reps (median)\n")
     print("| | NDJSON zstd | Parquet zstd | NDJSON / Parquet |")
     print("|---|---:|---:|---:|")
     nd, pq = stats["ndjson"], stats["parquet"]
