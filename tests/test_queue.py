@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -308,6 +311,56 @@ def test_cancelled_getter_passes_its_wakeup_on(RingQueue):
         assert q.qsize() == 0
 
     asyncio.run(main())
+
+
+def test_a_getter_cancelled_while_a_threads_wakeup_is_on_its_way_passes_it_on(RingQueue):
+    async def main():
+        q = RingQueue(4)
+        first = asyncio.ensure_future(q.aget())
+        second = asyncio.ensure_future(q.aget())
+        await asyncio.sleep(0.01)
+        putter = threading.Thread(target=q.put_nowait, args=("x",))
+        putter.start()
+        putter.join()  # its wake-up of `first` waits in the loop's queue, not run yet
+        first.cancel()
+        assert await asyncio.wait_for(second, 5) == "x"
+
+    asyncio.run(main())
+
+
+class _Interleaved(asyncio.SelectorEventLoop):
+    """A loop that runs `between` the next time a task makes a future: where another
+    thread's put or get can land while a task is on its way into the waiters' line."""
+
+    between: Callable[[], object] | None = None
+
+    def create_future(self) -> asyncio.Future[Any]:
+        if (between := self.between) is not None:
+            self.between = None
+            between()
+        return super().create_future()
+
+
+@pytest.mark.parametrize("side", ["aput", "aget", "aget_many"])
+def test_room_or_an_item_that_comes_as_a_task_gets_in_line_is_not_missed(RingQueue, side):
+    q = RingQueue(1)
+    loop = _Interleaved()
+    if side == "aput":
+        q.put_nowait("old")
+        loop.between = q.get_nowait  # room, while the putter is on its way to wait for it
+        waiting = q.aput("new")
+    else:
+        loop.between = functools.partial(q.put_nowait, "new")
+        waiting = q.aget() if side == "aget" else q.aget_many(4)
+    try:
+        task = loop.create_task(waiting)  # no future made before the queue's own
+        loop.call_later(5, task.cancel)  # missed: CancelledError
+        got = loop.run_until_complete(task)
+    finally:
+        loop.close()
+    assert got == {"aput": None, "aget": "new", "aget_many": ["new"]}[side]
+    if side == "aput":
+        assert q.get_nowait() == "new"
 
 
 def test_thread_wakes_async_getter_on_another_loop(RingQueue):

@@ -305,12 +305,12 @@ cdef int wake_all(object waiters) except -1:
 
 
 cdef int abandon(object waiters, object fut) except -1:
-    """A waiting task was cancelled: forget it, and pass on a wake-up it already got."""
+    """A task leaves `waiters` without waiting (cancelled, or served at once): forget it,
+    and pass on the wake-up it got. A future no longer in the line was taken by a waker,
+    whose wake-up may still be on its way from another thread (so not done yet)."""
     try:
         waiters.remove(fut)
     except ValueError:
-        pass
-    if fut.done() and not fut.cancelled():
         wake_one(waiters)
     return 0
 
@@ -596,27 +596,41 @@ cdef class RingQueue:
         """Take the oldest item, suspending the task while the queue is empty. Await it."""
         return fi_await_new(self, None, _aget_fast, _aget_slow)
 
+    # A thread may make room (or add an item) after a task looked and before the task is
+    # in the line, and then wakes nobody: so a task that found no room tries once more
+    # once in the line, and leaves it (passing on any wake-up) if that try works.
+
     async def _aput_wait(self, item):
         cdef Py_ssize_t size = self._checked_size(item)
         cdef int rc
         while True:
             rc = self._put(item, size, False)
-            if rc == PUSHED:
-                return
+            if rc == FULL:
+                fut = _enlist(self._putters)
+                rc = self._put(item, size, False)
+                if rc == FULL:
+                    await _wait(self._putters, fut)
+                    continue
+                abandon(self._putters, fut)
             if rc == CLOSED:
                 raise QueueClosed("queue is closed")
-            await _park(self._putters)
+            return
 
     async def _aget_wait(self):
         cdef bint closed
         cdef void* p
         while True:
             p = ring_try_pop(&self.r, &closed)
+            if p == NULL and not closed:
+                fut = _enlist(self._getters)
+                p = ring_try_pop(&self.r, &closed)
+                if p == NULL and not closed:
+                    await _wait(self._getters, fut)
+                    continue
+                abandon(self._getters, fut)
             if p != NULL:
                 return self._took(p)
-            if closed:
-                raise QueueClosed("queue is closed and drained")
-            await _park(self._getters)
+            raise QueueClosed("queue is closed and drained")
 
     async def aget_many(self, Py_ssize_t max_items, max_bytes=None):
         """Like get_many, but suspends the task until at least one item is there."""
@@ -624,7 +638,16 @@ cdef class RingQueue:
             items = self.get_many(max_items, max_bytes)
             if items:
                 return items
-            await _park(self._getters)
+            fut = _enlist(self._getters)
+            try:
+                items = self.get_many(max_items, max_bytes)
+            except BaseException:  # closed and drained, or a bad argument
+                abandon(self._getters, fut)
+                raise
+            if items:
+                abandon(self._getters, fut)
+                return items
+            await _wait(self._getters, fut)
 
     # --- lifecycle and introspection --------------------------------------
 
@@ -708,10 +731,15 @@ QueueOperation = fi_await_init(_WOULD_BLOCK)
 collections.abc.Coroutine.register(QueueOperation)  # so create_task() and friends take it
 
 
-async def _park(waiters):
-    """Wait in `waiters` until a put or get of the other side wakes this task."""
+cdef object _enlist(object waiters):
+    """Put this task in line in `waiters`: a put or get of the other side wakes its future."""
     fut = get_running_loop().create_future()
     waiters.append(fut)
+    return fut
+
+
+async def _wait(waiters, fut):
+    """Wait for `fut`, enlisted in `waiters`; leaving early passes its wake-up on."""
     try:
         await fut
     except BaseException:

@@ -60,12 +60,12 @@ def _wake_one(waiters: deque[asyncio.Future[None]]) -> bool:
 
 
 def _abandon(waiters: deque[asyncio.Future[None]], fut: asyncio.Future[None]) -> None:
-    """A waiting task was cancelled: forget it, and pass on a wake-up it already got."""
+    """A task leaves `waiters` without waiting (cancelled, or served at once): forget it,
+    and pass on the wake-up it got. A future no longer in the line was taken by a waker,
+    whose wake-up may still be on its way from another thread (so not done yet)."""
     try:
         waiters.remove(fut)
     except ValueError:
-        pass
-    if fut.done() and not fut.cancelled():
         _wake_one(waiters)
 
 
