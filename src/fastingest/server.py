@@ -56,17 +56,20 @@ async def serve(settings: Settings) -> None:
             )
         stop.set()
 
+    def caught(signum: int, frame: object) -> None:  # the main thread, between bytecodes
+        loop.call_soon_threadsafe(on_signal, signal.Signals(signum))
+
     # Before anything else: a signal during start-up (or spool replay) must drain, not kill.
+    # The handlers are the process's own, not the loop's: removing a loop's handler
+    # restores the default action, and a signal in that moment would kill the process.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+        signal.signal(sig, caught)
     try:
         await _serve_until(stop, settings)
     finally:
+        # The drain is over and the process only exits from here: a late signal (a second
+        # SIGTERM, a supervisor's resend) must not turn a clean exit 0 into death by it.
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-            # The drain is over and the process only exits from here: a late signal (a
-            # second SIGTERM, a supervisor's resend) would otherwise turn a clean exit 0
-            # into death by that signal.
             signal.signal(sig, signal.SIG_IGN)
 
 
