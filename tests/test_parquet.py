@@ -7,17 +7,30 @@ import datetime as dt
 import io
 import json
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastingest.parquet import ROW_GROUP_ROWS, ParquetWriter, load_schema, reject_line
+from fastingest.parquet import (
+    CELLS_PER_VALUE,
+    FREE_CELLS,
+    MAX_FIELDS,
+    ROW_GROUP_ROWS,
+    ParquetWriter,
+    load_schema,
+    reject_line,
+)
 
 
 def lines(*payloads: object) -> list[bytes]:
     return [json.dumps(p, ensure_ascii=False).encode() + b"\n" for p in payloads]
+
+
+def _lines_of(rejects: list[tuple[bytes, str]]) -> set[bytes]:
+    return {line for line, _ in rejects}
 
 
 def read(body: bytes) -> pa.Table:
@@ -95,6 +108,43 @@ def test_an_integer_past_64_bits_is_a_misfit_wherever_it_hides(schema):
         assert rejects == [(bad, "an integer outside the 64-bit range")]
         table = read(body)
         assert rows == 2 and table.column("s").to_pylist() == [{"x": 1e19}, None]
+
+
+def _cells(body: bytes) -> int:
+    meta = pq.ParquetFile(io.BytesIO(body)).metadata
+    return meta.num_rows * meta.num_columns
+
+
+def test_a_batch_of_ever_new_field_names_is_cut_down_to_a_dense_table():
+    # 3,000 payloads of 50 names never seen before: read whole, 150,000 columns of 3,000
+    # rows, minutes and gigabytes; here the payloads that would make it so are misfits.
+    hostile = [
+        json.dumps({f"k{i}_{j}": j for j in range(50)}).encode() + b"\n" for i in range(3000)
+    ]
+    plain = b'{"k0_0":1}\n'
+    batch = [*hostile[:1500], plain, *hostile[1500:]]
+    body, rows, rejects = ParquetWriter("zstd").convert(b"".join(batch))
+    assert rows + len(rejects) == len(batch)
+    assert all(r[1].startswith("too sparse for columns") for r in rejects)
+    assert plain not in _lines_of(rejects)  # no new field: it fits what is kept
+    table = read(body)
+    assert table.num_columns <= MAX_FIELDS and table.num_rows == rows
+    values = sum(len(orjson.loads(line)) + 1 for line in batch if line not in _lines_of(rejects))
+    assert _cells(body) <= CELLS_PER_VALUE * values + FREE_CELLS
+
+
+def test_repeats_of_a_sparse_line_share_its_fate_and_a_dense_batch_is_untouched():
+    cycle = [json.dumps({f"f{(i * 8 + j) % 1000}": j for j in range(8)}).encode() + b"\n"
+             for i in range(125)]  # fmt: skip
+    batch = cycle * 160  # 20,000 rows over 1,000 fields, 8 each
+    body, rows, rejects = ParquetWriter("zstd").convert(b"".join(batch))
+    kept = {line for line in cycle if line not in _lines_of(rejects)}
+    assert rows == 160 * len(kept) and len(rejects) == 160 * (len(cycle) - len(kept))
+    assert read(body).num_rows == rows
+    assert 0 < len(kept) < len(cycle)
+    dense = [json.dumps({"a": i, "b": {"c": [i, i]}}).encode() + b"\n" for i in range(20_000)]
+    _, rows, rejects = ParquetWriter("zstd").convert(b"".join(dense))
+    assert rows == 20_000 and rejects == []
 
 
 def test_a_schema_fixes_columns_and_sends_what_does_not_fit_to_the_rejects(tmp_path):

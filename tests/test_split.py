@@ -360,3 +360,63 @@ def test_field_values_cases(chunk, want):
 def test_field_values_of_arbitrary_bytes(raw):
     data = raw if isinstance(raw, bytes) else raw.encode()
     _field_values(data, (b"a", b"b"))  # the twins agree, and neither raises
+
+
+# --- shape: a batch measured as a table ------------------------------------------------
+
+
+def _shape(batch: bytes, limit: int) -> tuple[int, int, int] | None:
+    py = _split_py.shape(batch, limit)
+    if _split_c is not None:
+        assert _split_c.shape(batch, limit) == py, batch
+    return py
+
+
+def _paths(value: object, path: tuple, into: set) -> int:
+    """What shape counts, from the parsed value: names under their parent, elements apart."""
+    count = 1
+    if isinstance(value, dict):
+        for name, inner in value.items():
+            into.add((*path, name))
+            count += _paths(inner, (*path, name), into)
+    elif isinstance(value, list) and value:
+        into.add((*path, None))
+        for inner in value:
+            count += _paths(inner, (*path, None), into)
+    return count
+
+
+@settings(max_examples=300)
+@given(st.lists(VALUES, max_size=6), st.sampled_from([(",", ":"), (", ", ": ")]))
+def test_shape_counts_lines_paths_and_values(values, separators):
+    texts = [json.dumps(v, separators=separators, ensure_ascii=False) for v in values]
+    batch = "".join(t + "\n" for t in texts).encode()
+    paths: set = set()
+    count = sum(_paths(v, (), paths) for v in values)
+    # json.dumps escapes control characters and quotes in names, which shape reads raw:
+    # the same name spelt the same way each time, so the count is the same.
+    assert _shape(batch, 10_000) == (len(values), len(paths), count)
+
+
+@pytest.mark.parametrize(
+    "batch, limit, want",
+    [
+        (b'{"a":1,"b":{"c":[1,2,{"d":null}]}}\n{"a":2}\n[1]\n', 100, (3, 6, 12)),
+        (b'{"a.b":1}\n{"a":{"b":1}}\n', 100, (2, 3, 5)),  # a dotted name is not a path
+        (b'{"a":[]}\n{"a":[1]}\n', 100, (2, 2, 5)),  # an empty array has no element path
+        (b'{"s":"x\\"y\\\\","n":-1.5e+300}\n', 100, (1, 2, 3)),  # any escape, any number
+        (b"".join(b'{"k%d":1}\n' % i for i in range(50)), 10, (10, 11, 20)),  # stops past 10
+        (b'{"a":1}', 10, None),  # no newline
+        (b'{"a":}\n', 10, None),
+        (b'{"a":1} x\n', 10, None),
+        (b"", 10, (0, 0, 0)),
+    ],
+)
+def test_shape_cases(batch, limit, want):
+    assert _shape(batch, limit) == want
+
+
+@given(st.binary(max_size=40) | st.text('{}[]",:\\ 0123456789.-eEtrufalsnuab\n', max_size=40))
+def test_shape_of_arbitrary_bytes(raw):
+    data = raw if isinstance(raw, bytes) else raw.encode()
+    _shape(data, 3)  # the twins agree, and neither raises

@@ -473,3 +473,165 @@ def field_values(bytes chunk not None, tuple names not None):
         out.extend(values)
         start = stop + 1
     return out
+
+
+# --- shape: a batch measured as a table ------------------------------------------------
+
+from libc.stdint cimport uint64_t
+from libc.stdlib cimport calloc, free
+
+cdef enum:
+    FNV_OFFSET = 0xCBF29CE484222325
+    FNV_PRIME = 0x100000001B3
+    ELEMENTS = 0x01  # an array's elements, in a path: no member name holds a control byte
+
+
+cdef struct Paths:
+    uint64_t* slots  # hashes of the paths seen (never 0); open addressing
+    Py_ssize_t mask
+    Py_ssize_t count
+    Py_ssize_t limit
+
+
+cdef inline uint64_t _mix(uint64_t h, cstr s, Py_ssize_t start, Py_ssize_t end) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(start, end):
+        h = (h ^ s[i]) * <uint64_t>FNV_PRIME
+    return h
+
+
+cdef inline uint64_t _mix_byte(uint64_t h, unsigned char c) noexcept nogil:
+    return (h ^ c) * <uint64_t>FNV_PRIME
+
+
+cdef inline bint _seen(Paths* paths, uint64_t h) noexcept nogil:
+    """Add path `h`; False once more than the limit are there."""
+    cdef Py_ssize_t j
+    h |= 1
+    j = <Py_ssize_t>(h & <uint64_t>paths.mask)
+    while paths.slots[j]:
+        if paths.slots[j] == h:
+            return True
+        j = (j + 1) & paths.mask
+    paths.slots[j] = h
+    paths.count += 1
+    return paths.count <= paths.limit
+
+
+cdef Py_ssize_t _any_string(cstr s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """The end of the string at s[i], any escape allowed: the next quote that an even
+    run of backslashes (or none) precedes; -1 where there is none."""
+    cdef const void* found
+    cdef Py_ssize_t quote, k
+    i += 1
+    while i < n:
+        found = memchr(s + i, 0x22, n - i)
+        if found == NULL:
+            return -1
+        quote = <cstr>found - s
+        k = quote
+        while k > i and s[k - 1] == 0x5C:
+            k -= 1
+        if (quote - k) % 2 == 0:
+            return quote + 1
+        i = quote + 1
+    return -1
+
+
+cdef Py_ssize_t _shape(cstr s, Py_ssize_t i, Py_ssize_t n, uint64_t path, int depth,
+                       Paths* paths, Py_ssize_t* values) noexcept nogil:
+    """The end of the value at s[i], its paths in `paths`; -1 where it is not JSON, -2 once
+    the paths are past their limit (see the twin)."""
+    cdef unsigned char c
+    cdef Py_ssize_t end
+    cdef uint64_t member
+    if i >= n:
+        return -1
+    c = s[i]
+    values[0] += 1
+    if c == 0x22:
+        return _any_string(s, i, n)
+    if c == 0x7B or c == 0x5B:
+        if depth >= MAX_DEPTH:
+            return -1
+        i = _ws(s, i + 1, n)
+        if i < n and s[i] == (0x7D if c == 0x7B else 0x5D):
+            return i + 1
+        if c == 0x5B:
+            path = _mix_byte(path, ELEMENTS)
+            if not _seen(paths, path):
+                return -2
+        while True:
+            if c == 0x7B:
+                if i >= n or s[i] != 0x22:
+                    return -1
+                end = _any_string(s, i, n)
+                if end < 0:
+                    return -1
+                member = _mix(_mix_byte(path, 0x22), s, i + 1, end - 1)
+                if not _seen(paths, member):
+                    return -2
+                i = _ws(s, end, n)
+                if i >= n or s[i] != 0x3A:
+                    return -1
+                i = _shape(s, _ws(s, i + 1, n), n, member, depth + 1, paths, values)
+            else:
+                i = _shape(s, i, n, path, depth + 1, paths, values)
+            if i < 0:
+                return i
+            i = _ws(s, i, n)
+            if i < n and s[i] == 0x2C:
+                i = _ws(s, i + 1, n)
+            elif i < n and s[i] == (0x7D if c == 0x7B else 0x5D):
+                return i + 1
+            else:
+                return -1
+    if c == 0x74:
+        return _literal(s, i, n, "true", 4)
+    if c == 0x66:
+        return _literal(s, i, n, "false", 5)
+    if c == 0x6E:
+        return _literal(s, i, n, "null", 4)
+    end = i
+    while end < n and (0x30 <= s[end] <= 0x39 or s[end] == 0x2D or s[end] == 0x2B
+                       or s[end] == 0x2E or s[end] == 0x65 or s[end] == 0x45):
+        end += 1
+    return end if end > i else -1
+
+
+def shape(bytes batch not None, Py_ssize_t limit):
+    """(lines, distinct field paths, values) of an NDJSON batch; paths stop at limit + 1.
+    None where a line is not one JSON value (see the twin)."""
+    cdef cstr s = <cstr>PyBytes_AS_STRING(batch)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(batch)
+    cdef Py_ssize_t start = 0, stop, end, rows = 0, values = 0, found, size = 16
+    cdef const void* newline
+    cdef Paths paths
+    if limit < 0:
+        raise ValueError("limit must be >= 0")
+    while size < 2 * (limit + 1):
+        size *= 2
+    paths.slots = <uint64_t*>calloc(size, sizeof(uint64_t))
+    if paths.slots == NULL:
+        raise MemoryError()
+    paths.mask = size - 1
+    paths.count = 0
+    paths.limit = limit
+    try:
+        while start < n:
+            newline = memchr(s + start, 0x0A, n - start)
+            if newline == NULL:
+                return None
+            stop = <cstr>newline - s
+            found = 0
+            end = _shape(s, _ws(s, start, stop), stop, <uint64_t>FNV_OFFSET, 0, &paths, &found)
+            if end == -2:
+                return rows, limit + 1, values  # past the limit: nothing more to learn
+            if end < 0 or _ws(s, end, stop) != stop:
+                return None
+            rows += 1
+            values += found
+            start = stop + 1
+        return rows, paths.count, values
+    finally:
+        free(paths.slots)

@@ -29,6 +29,11 @@ not plainly fine:
 ``field_values(chunk, names)`` reads an NDJSON chunk the splitter made and hands out
 the JSON text of some top-level members of each payload, for partitioning: one scan
 instead of orjson building every payload.
+
+``shape(batch, limit)`` measures an NDJSON batch as a table: its lines, its distinct
+field paths (a member's name under its parent's path; an array's elements under one
+path of their own), stopping past `limit`, and its values. The Parquet writer reads
+from these whether the batch is dense enough to become columns without a blow-up.
 """
 
 from __future__ import annotations
@@ -328,3 +333,118 @@ def _ws(body: bytes, i: int) -> int:
     while i < n and body[i] in _WHITESPACE:
         i += 1
     return i
+
+
+# --- shape: a batch measured as a table ------------------------------------------------
+
+_ANY_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_ANY_NUMBER = re.compile(rb"[-+0-9.eE]+")
+ELEMENTS = b"\x01"  # an array's elements, in a path: no member name holds a control byte
+
+_Paths = set[tuple[bytes, ...]]
+_Counted = tuple[int, int] | None  # (end, values), end -1 where it is not JSON; None: too many
+
+
+def shape(batch: bytes, limit: int) -> tuple[int, int, int] | None:
+    """(lines, distinct field paths, values) of an NDJSON batch; paths stop at limit + 1.
+
+    The batch was checked when it was taken, so the scan is lenient (any escape, any
+    number); None where a line still is not one JSON value.
+    """
+    paths: _Paths = set()
+    rows = values = 0
+    start = 0
+    n = len(batch)
+    while start < n:
+        stop = batch.find(b"\n", start)
+        if stop < 0:
+            return None
+        line = batch[start:stop]
+        counted = _shape(line, _ws(line, 0), (), 0, paths, limit)
+        if counted is None:
+            return rows, limit + 1, values  # past the limit: nothing more to learn
+        end, found = counted
+        if end < 0 or _ws(line, end) != len(line):
+            return None
+        rows += 1
+        values += found
+        start = stop + 1
+    return rows, len(paths), values
+
+
+def _shape(
+    line: bytes, i: int, path: tuple[bytes, ...], depth: int, paths: _Paths, limit: int
+) -> _Counted:
+    """The value at line[i], its field paths added to `paths` (under `path`)."""
+    if i >= len(line):
+        return -1, 0
+    c = line[i]
+    if c == QUOTE:
+        m = _ANY_STRING.match(line, i)
+        return (m.end() if m else -1), 1
+    if c == OBJECT or c == ARRAY:
+        if depth >= MAX_DEPTH:
+            return -1, 0
+        inner = _shape_object if c == OBJECT else _shape_array
+        return inner(line, i, path, depth + 1, paths, limit)
+    for word in _LITERALS:
+        if line.startswith(word, i):
+            return i + len(word), 1
+    m = _ANY_NUMBER.match(line, i)
+    return (m.end() if m else -1), 1
+
+
+def _shape_object(
+    line: bytes, i: int, path: tuple[bytes, ...], depth: int, paths: _Paths, limit: int
+) -> _Counted:
+    values = 1
+    i = _ws(line, i + 1)
+    if i < len(line) and line[i] == OBJECT_END:
+        return i + 1, values
+    while True:
+        m = _ANY_STRING.match(line, i) if i < len(line) and line[i] == QUOTE else None
+        if m is None:
+            return -1, 0
+        member = (*path, line[i + 1 : m.end() - 1])
+        paths.add(member)
+        if len(paths) > limit:
+            return None
+        i = _ws(line, m.end())
+        if i >= len(line) or line[i] != COLON:
+            return -1, 0
+        counted = _shape(line, _ws(line, i + 1), member, depth, paths, limit)
+        if counted is None or counted[0] < 0:
+            return counted
+        i = _ws(line, counted[0])
+        values += counted[1]
+        if i < len(line) and line[i] == COMMA:
+            i = _ws(line, i + 1)
+        elif i < len(line) and line[i] == OBJECT_END:
+            return i + 1, values
+        else:
+            return -1, 0
+
+
+def _shape_array(
+    line: bytes, i: int, path: tuple[bytes, ...], depth: int, paths: _Paths, limit: int
+) -> _Counted:
+    values = 1
+    i = _ws(line, i + 1)
+    if i < len(line) and line[i] == ARRAY_END:
+        return i + 1, values
+    items = (*path, ELEMENTS)
+    paths.add(items)
+    if len(paths) > limit:
+        return None
+    while True:
+        counted = _shape(line, i, items, depth, paths, limit)
+        if counted is None or counted[0] < 0:
+            return counted
+        i = _ws(line, counted[0])
+        values += counted[1]
+        if i < len(line) and line[i] == COMMA:
+            i = _ws(line, i + 1)
+        elif i < len(line) and line[i] == ARRAY_END:
+            return i + 1, values
+        else:
+            return -1, 0

@@ -11,19 +11,23 @@ rest of the batch's, a field the schema lacks, an integer past 64 bits) is never
 dropped: it goes, with the reason, to an NDJSON object under ``REJECTS_PREFIX``.
 The misfits are found by halving a failing block until each misfit stands alone,
 so a batch with k of them costs about k * log2(n) extra reads, and none when
-every payload fits.
+every payload fits. Without a schema, a batch is first measured by the splitter's
+scan (``split.shape``): one too sparse to read whole (ever new field names) keeps
+only the payloads that leave its table dense, and the others are misfits too.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from fastingest.bodies import DIGITS_AS_ZERO, LONG_DIGIT_RUN
+from fastingest.split import shape
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -35,6 +39,12 @@ PAGE_COMPRESSIONS = ("zstd", "snappy", "gzip", "none")
 # more to dictionary-encode than they save; "type"-like columns stay dictionaries.
 DICTIONARY_PAGE_BYTES = 16 * 1024
 _TWO_63 = float(1 << 63)
+# Without a schema, the reader gives every row a slot in every column a batch has, so a
+# batch of payloads with ever new field names would cost rows x fields: a few MiB of them,
+# minutes and gigabytes. A batch is read whole while its table stays within these bounds.
+MAX_FIELDS = 4_096  # field paths (nested ones and arrays' elements included)
+CELLS_PER_VALUE = 8  # rows x fields per value the batch holds ...
+FREE_CELLS = 1 << 20  # ... plus these
 INSTALL_HINT = "--format parquet needs pyarrow: pip install 'fastingest[parquet]'"
 
 _BEFORE_NUMBER = frozenset(b":,[-")  # what can precede an integer token, blanks aside
@@ -146,17 +156,26 @@ class ParquetWriter:
         """
         import pyarrow as pa
 
-        try:
-            table = _read_json(data, self.schema)
-            if table.num_columns and not self._unsigned and _no_long_integers(table):
-                return self._write([table], self.schema), table.num_rows, []
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-            pass
+        lines: list[bytes] = []
+        sparse: list[tuple[bytes, str]] = []
+        if self.schema is None and not _dense(shape(data, MAX_FIELDS)):
+            lines = [ln + b"\n" for ln in data.split(b"\n")[:-1]]
+            sparse = _too_sparse(lines)
+        if not sparse:
+            try:
+                table = _read_json(data, self.schema)
+                if table.num_columns and not self._unsigned and _no_long_integers(table):
+                    return self._write([table], self.schema), table.num_rows, []
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                pass
         suspects = _long_integer_lines(data)
-        lines = [ln + b"\n" for ln in data.split(b"\n")[:-1]]
-        rejects: list[tuple[bytes, str]] = []
+        lines = lines or [ln + b"\n" for ln in data.split(b"\n")[:-1]]
+        rejects = sparse
+        left_out = _lines_of(sparse)
         fitting = []
         for line in lines:
+            if line in left_out:
+                continue
             if line in suspects and (why := _precheck(line)):
                 rejects.append((line, why))
             else:
@@ -287,6 +306,60 @@ def _no_long_integers(table: pa.Table) -> bool:
         return True
 
     return all(small(chunk) for column in table.columns for chunk in column.chunks)
+
+
+def _dense(measured: tuple[int, int, int] | None) -> bool:
+    """Whether a batch of (lines, field paths, values) becomes a table in about the work
+    its values take: the reader gives every row a slot in every column."""
+    if measured is None:  # a line that is not JSON: read line by line
+        return False
+    rows, fields, values = measured
+    return fields <= MAX_FIELDS and rows * fields <= CELLS_PER_VALUE * values + FREE_CELLS
+
+
+def _too_sparse(lines: list[bytes]) -> list[tuple[bytes, str]]:
+    """The lines to leave out of a batch too sparse to read whole, with the reason. Each
+    distinct line, in order of first sight, is kept (with its repeats) while the table of
+    those kept stays dense; misfits are told apart by content, so repeats share a fate."""
+    fields: set[tuple[Any, ...]] = set()
+    rows = values = 0
+    why: dict[bytes, str] = {}
+    for line, times in Counter(lines).items():
+        try:
+            payload = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue  # the reader rejects it with its own reason
+        mine: set[tuple[Any, ...]] = set()
+        count = _paths(payload, (), mine) * times
+        width = len(fields) + len(mine - fields)
+        if (
+            width > MAX_FIELDS
+            or (rows + times) * width > CELLS_PER_VALUE * (values + count) + FREE_CELLS
+        ):
+            why[line] = (f"too sparse for columns: with it the batch has {width} fields "
+                         f"over {rows + times} rows (give a --schema)")  # fmt: skip
+            continue
+        fields |= mine
+        rows += times
+        values += count
+    return [(line, why[line]) for line in lines if line in why]
+
+
+def _paths(value: Any, path: tuple[Any, ...], into: set[tuple[Any, ...]]) -> int:
+    """Add the field paths under `value` to `into` (as ``split.shape`` counts them); the
+    values it holds, itself included."""
+    count = 1
+    if isinstance(value, dict):
+        for name, inner in value.items():
+            member = (*path, name)
+            into.add(member)
+            count += _paths(inner, member, into)
+    elif isinstance(value, list) and value:
+        items = (*path, None)  # an array's elements: no name (JSON names are strings)
+        into.add(items)
+        for inner in value:
+            count += _paths(inner, items, into)
+    return count
 
 
 def _holds_uint64(kind: pa.DataType) -> bool:
