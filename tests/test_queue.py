@@ -299,31 +299,22 @@ def test_close_wakes_async_waiters(RingQueue):
     asyncio.run(main())
 
 
-def test_cancelled_getter_passes_its_wakeup_on(RingQueue):
+@pytest.mark.parametrize("waker", ["this loop", "a thread"])
+def test_cancelled_getter_passes_its_wakeup_on(RingQueue, waker):
     async def main():
         q = RingQueue(4)
         first = asyncio.ensure_future(q.aget())
         second = asyncio.ensure_future(q.aget())
         await asyncio.sleep(0.01)
-        q.put_nowait("x")  # wakes `first`...
+        if waker == "this loop":
+            q.put_nowait("x")  # wakes `first`...
+        else:  # its wake-up of `first` waits in the loop's queue, not run yet
+            putter = threading.Thread(target=q.put_nowait, args=("x",))
+            putter.start()
+            putter.join()
         first.cancel()  # ...which is cancelled before it runs
         assert await asyncio.wait_for(second, 5) == "x"
         assert q.qsize() == 0
-
-    asyncio.run(main())
-
-
-def test_a_getter_cancelled_while_a_threads_wakeup_is_on_its_way_passes_it_on(RingQueue):
-    async def main():
-        q = RingQueue(4)
-        first = asyncio.ensure_future(q.aget())
-        second = asyncio.ensure_future(q.aget())
-        await asyncio.sleep(0.01)
-        putter = threading.Thread(target=q.put_nowait, args=("x",))
-        putter.start()
-        putter.join()  # its wake-up of `first` waits in the loop's queue, not run yet
-        first.cancel()
-        assert await asyncio.wait_for(second, 5) == "x"
 
     asyncio.run(main())
 

@@ -385,8 +385,7 @@ def _shape(
     if c == OBJECT or c == ARRAY:
         if depth >= MAX_DEPTH:
             return -1, 0
-        inner = _shape_object if c == OBJECT else _shape_array
-        return inner(line, i, path, depth + 1, paths, limit)
+        return _shape_container(line, i, path, depth + 1, paths, limit)
     for word in _LITERALS:
         if line.startswith(word, i):
             return i + len(word), 1
@@ -394,57 +393,43 @@ def _shape(
     return (m.end() if m else -1), 1
 
 
-def _shape_object(
+def _shape_container(
     line: bytes, i: int, path: tuple[bytes, ...], depth: int, paths: _Paths, limit: int
 ) -> _Counted:
+    """An object's members each have a path under `path`; an array's elements share one."""
+    is_object = line[i] == OBJECT
+    close = OBJECT_END if is_object else ARRAY_END
     values = 1
     i = _ws(line, i + 1)
-    if i < len(line) and line[i] == OBJECT_END:
+    if i < len(line) and line[i] == close:
         return i + 1, values
-    while True:
-        m = _ANY_STRING.match(line, i) if i < len(line) and line[i] == QUOTE else None
-        if m is None:
-            return -1, 0
-        member = (*path, line[i + 1 : m.end() - 1])
-        paths.add(member)
+    inner = path
+    if not is_object:
+        inner = (*path, ELEMENTS)
+        paths.add(inner)
         if len(paths) > limit:
             return None
-        i = _ws(line, m.end())
-        if i >= len(line) or line[i] != COLON:
-            return -1, 0
-        counted = _shape(line, _ws(line, i + 1), member, depth, paths, limit)
-        if counted is None or counted[0] < 0:
-            return counted
-        i = _ws(line, counted[0])
-        values += counted[1]
-        if i < len(line) and line[i] == COMMA:
-            i = _ws(line, i + 1)
-        elif i < len(line) and line[i] == OBJECT_END:
-            return i + 1, values
-        else:
-            return -1, 0
-
-
-def _shape_array(
-    line: bytes, i: int, path: tuple[bytes, ...], depth: int, paths: _Paths, limit: int
-) -> _Counted:
-    values = 1
-    i = _ws(line, i + 1)
-    if i < len(line) and line[i] == ARRAY_END:
-        return i + 1, values
-    items = (*path, ELEMENTS)
-    paths.add(items)
-    if len(paths) > limit:
-        return None
     while True:
-        counted = _shape(line, i, items, depth, paths, limit)
+        if is_object:
+            m = _ANY_STRING.match(line, i) if i < len(line) and line[i] == QUOTE else None
+            if m is None:
+                return -1, 0
+            inner = (*path, line[i + 1 : m.end() - 1])
+            paths.add(inner)
+            if len(paths) > limit:
+                return None
+            i = _ws(line, m.end())
+            if i >= len(line) or line[i] != COLON:
+                return -1, 0
+            i = _ws(line, i + 1)
+        counted = _shape(line, i, inner, depth, paths, limit)
         if counted is None or counted[0] < 0:
             return counted
         i = _ws(line, counted[0])
         values += counted[1]
         if i < len(line) and line[i] == COMMA:
             i = _ws(line, i + 1)
-        elif i < len(line) and line[i] == ARRAY_END:
+        elif i < len(line) and line[i] == close:
             return i + 1, values
         else:
             return -1, 0
