@@ -427,6 +427,49 @@ async def kill_during_load(server: Server, pause: float, load_args: dict[str, An
     await task
 
 
+def crash_rounds(
+    args: list[str],
+    *,
+    cwd: Path,
+    env: dict[str, str],
+    rng: Any,
+    rounds: int,
+    pause: Callable[[], float],
+    **load_args: Any,
+) -> tuple[list[bytes], list[bytes]]:
+    """Start the server with `args` and kill -9 it under load(), `pause()` seconds in,
+    `rounds` times (each round's clients ask for ack durable or uploaded at random); then
+    start it once more and stop it gracefully. (acknowledged, sent) payloads, after
+    checking that the crashes left the spool something to replay and the load got going."""
+    import asyncio
+
+    acked: list[bytes] = []
+    sent: list[bytes] = []
+    statuses: Counter[int] = Counter()
+    replayed = 0
+    for round_ in range(rounds):
+        server = Server(*args, cwd=cwd, env=env)
+        ack = rng.choice(["durable", "uploaded"])
+        this_round = dict(
+            tag=f"r{round_}",
+            seconds=10,
+            acked=acked,
+            sent=sent,
+            statuses=statuses,
+            headers={"X-Fastingest-Ack": ack},
+            **load_args,
+        )
+        asyncio.run(kill_during_load(server, pause(), this_round))
+        server.proc.wait(10)
+        replayed += "replayed the spool" in server.text
+    final = Server(*args, cwd=cwd, env=env)
+    assert final.stop() == 0
+    replayed += "replayed the spool" in final.text
+    assert replayed >= 2, "the crashes never left anything in the spool to recover"
+    assert len(acked) > 100, f"the load never got going: {statuses}"
+    return acked, sent
+
+
 def rich_payload(i: int) -> dict[str, Any]:
     """A payload with what analysts' readers must keep: unicode, 64-bit integers, floats,
     booleans, a null, an array and nested objects."""

@@ -22,7 +22,7 @@ from support import (
     FakeS3,
     S3Proxy,
     Server,
-    kill_during_load,
+    crash_rounds,
     landed_dir,
     landed_s3,
     load,
@@ -129,9 +129,6 @@ def test_restart_uploads_what_the_spool_holds(tmp_path, s3, bucket, s3_env):
 @pytest.mark.parametrize("mode", ["batch", "per-payload"])
 def test_kill_9_at_random_moments_loses_nothing_acknowledged(tmp_path, s3, bucket, s3_env, mode):
     rng = random.Random(20261128 if mode == "batch" else 7)
-    acked: list[bytes] = []
-    sent: list[bytes] = []
-    statuses: Counter[int] = Counter()
     args = [
         "--sink",
         f"s3://{bucket}",
@@ -144,30 +141,17 @@ def test_kill_9_at_random_moments_loses_nothing_acknowledged(tmp_path, s3, bucke
     ]
     # Per-payload mode stores one object per payload (moto takes ~400/s): a lighter load.
     rounds, clients, per_request = (10, 8, 10) if mode == "batch" else (4, 4, 2)
-    replayed = 0
-    for round_ in range(rounds):
-        server = Server(*args, cwd=tmp_path, env=s3_env)
-        ack = rng.choice(["durable", "uploaded"])
-
-        load_args = dict(
-            tag=f"r{round_}",
-            seconds=10,
-            acked=acked,
-            sent=sent,
-            statuses=statuses,
-            clients=clients,
-            per_request=per_request,
-            headers={"X-Fastingest-Ack": ack},
-        )
-        pause = rng.uniform(0.2, 1.5 if mode == "batch" else 0.6)
-        asyncio.run(kill_during_load(server, pause, load_args))
-        server.proc.wait(10)
-        replayed += "replayed the spool" in server.text
-    final = Server(*args, cwd=tmp_path, env=s3_env)
-    assert final.stop() == 0
-    replayed += "replayed the spool" in final.text
-    assert replayed >= 2, "the crashes never left anything in the spool to recover"
-    assert len(acked) > 100, f"the load never got going: {statuses}"
+    top = 1.5 if mode == "batch" else 0.6
+    acked, sent = crash_rounds(
+        args,
+        cwd=tmp_path,
+        env=s3_env,
+        rng=rng,
+        rounds=rounds,
+        pause=lambda: rng.uniform(0.2, top),
+        clients=clients,
+        per_request=per_request,
+    )
     got, objects = landed_s3(s3, bucket)
     assert_exactly_once(got, acked, sent)
     keys = [o["key"] for o in objects]

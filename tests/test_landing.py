@@ -9,13 +9,11 @@ kill -9 under load replays each Parquet object once.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import hashlib
 import io
 import json
 import random
-import signal
 from collections import Counter
 from typing import Any
 
@@ -29,7 +27,7 @@ import pytest
 
 from support import (
     Server,
-    kill_during_load,
+    crash_rounds,
     post_forms,
     pyarrow_s3,
     request,
@@ -270,9 +268,6 @@ def landed_parquet(s3: Any, bucket: str) -> tuple[Counter[bytes], list[str]]:
 @pytest.mark.slow
 def test_kill_9_under_load_lands_each_parquet_object_once(tmp_path, s3, bucket, s3_env):
     rng = random.Random(20261206)
-    acked: list[bytes] = []
-    sent: list[bytes] = []
-    statuses: Counter[int] = Counter()
     args = [
         "--sink",
         f"s3://{bucket}",
@@ -287,28 +282,17 @@ def test_kill_9_under_load_lands_each_parquet_object_once(tmp_path, s3, bucket, 
         "--batch-max-age",
         "0.3",
     ]
-    replayed = 0
-    for round_ in range(6):
-        server = Server(*args, cwd=tmp_path, env=s3_env)
-        load_args = dict(
-            tag=f"r{round_}",
-            seconds=10,
-            acked=acked,
-            sent=sent,
-            statuses=statuses,
-            clients=8,
-            per_request=10,
-            headers={"X-Fastingest-Ack": rng.choice(["durable", "uploaded"])},
-            fields=lambda n: b',"k":%d,"t":%d' % (n % 3, 1765000000 + n % 2 * 3600),
-        )
-        asyncio.run(kill_during_load(server, rng.uniform(0.3, 1.5), load_args))
-        server.proc.wait(10)
-        replayed += "replayed the spool" in server.text
-    final = Server(*args, cwd=tmp_path, env=s3_env)
-    assert final.stop(signal.SIGTERM) == 0
-    replayed += "replayed the spool" in final.text
-    assert replayed >= 2, "the crashes never left anything in the spool to recover"
-    assert len(acked) > 100, f"the load never got going: {statuses}"
+    acked, sent = crash_rounds(
+        args,
+        cwd=tmp_path,
+        env=s3_env,
+        rng=rng,
+        rounds=6,
+        pause=lambda: rng.uniform(0.3, 1.5),
+        clients=8,
+        per_request=10,
+        fields=lambda n: b',"k":%d,"t":%d' % (n % 3, 1765000000 + n % 2 * 3600),
+    )
     got, keys = landed_parquet(s3, bucket)
     assert all(n == 1 for n in got.values()), "a payload landed twice"
     missing = Counter(acked) - got

@@ -79,8 +79,6 @@ class Batcher:
         self.keys: KeyMaker | None = None  # known once the spool is open
         self._taken_seq = 0  # of the next chunk taken from the intake
         self._open: Batch | None = None
-        self._open_deadline = 0.0  # monotonic time the open batch must close by
-        self._open_waiters = 0  # chunks in the open batch whose clients wait for "uploaded"
         # Partitioned: each partition's open batch, least recently written first.
         self._partitions: OrderedDict[str, Batch] = OrderedDict()
         self._partition_bytes = 0  # in their open batches
@@ -124,14 +122,12 @@ class Batcher:
         await self._hand_over()
 
     async def _wait_for_chunks(self) -> list[bytes]:
-        if self._open is None and not self._partitions:
+        open_ = [self._open] if self._open is not None else list(self._partitions.values())
+        if not open_:
             return await self.intake.aget_many(DRAIN_CHUNKS)
-        if self._open_waiters or any(b.waiters for b in self._partitions.values()):
+        if any(b.waiters for b in open_):
             return []  # a client waits for an open batch: close it now the intake is dry
-        deadline = self._open_deadline
-        if self._partitions:
-            deadline = min(b.closes_at for b in self._partitions.values())
-        left = deadline - time.monotonic()
+        left = min(b.closes_at for b in open_) - time.monotonic()
         if left <= 0:
             return []
         try:
@@ -142,7 +138,6 @@ class Batcher:
     def _frame(self, chunks: list[bytes]) -> None:
         assert self.keys is not None
         now = time.time()
-        s = self.settings
         counts = self._counts
         refused = self.spool.refused
         for chunk in chunks:
@@ -165,16 +160,28 @@ class Batcher:
                 self._handoff += uploads
                 continue
             if self._open is None:
-                self._open = Batch(
-                    now, seq, s.batch_max_bytes, s.batch_max_payloads, s.compression, self.writer
-                )
-                self._open_deadline = time.monotonic() + s.batch_max_age
+                self._open = self._new_batch(seq, now)
             self._open.add(chunk, payloads, now)
-            self._open_waiters += self.completion.waits(seq)
+            self._open.waiters += self.completion.waits(seq)
             if self._open.full:
                 self._close_open()
         if self._open is not None:
             self._open.encode()
+
+    def _new_batch(self, seq: int, now: float, partition: str | None = None) -> Batch:
+        """A batch opening with chunk `seq`: the one open batch, or `partition`'s."""
+        s = self.settings
+        return Batch(
+            now,
+            seq,
+            s.batch_max_bytes,
+            s.batch_max_payloads,
+            s.compression,
+            self.writer,
+            partition or "",
+            self.partitioner if partition is not None else None,
+            closes_at=time.monotonic() + s.batch_max_age,
+        )
 
     def _frame_partitions(self, chunk: bytes, seq: int, received: float, now: float) -> None:
         """Add chunk `seq`'s payloads to their partitions' open batches."""
@@ -189,17 +196,7 @@ class Batcher:
         for partition, lines in parts.items():
             batch = open_.get(partition)
             if batch is None:
-                batch = open_[partition] = Batch(
-                    now,
-                    seq,
-                    s.batch_max_bytes,
-                    s.batch_max_payloads,
-                    s.compression,
-                    self.writer,
-                    partition,
-                    self.partitioner,
-                )
-                batch.closes_at = time.monotonic() + s.batch_max_age
+                batch = open_[partition] = self._new_batch(seq, now, partition)
             else:
                 open_.move_to_end(partition)
             before = batch.nbytes
@@ -241,7 +238,6 @@ class Batcher:
             self._handoff.append(self._open.close(self.keys))
             metrics.BATCHES_CLOSED.inc()
         self._open = None
-        self._open_waiters = 0
 
     async def _hand_over(self) -> None:
         delivery = self.delivery

@@ -366,7 +366,7 @@ class Batch:
     payloads: int = 0
     last: float = 0.0
     waiters: int = 0  # chunks in it whose clients wait for "uploaded"
-    closes_at: float = 0.0  # monotonic time its age closes it (partitions' batches)
+    closes_at: float = 0.0  # monotonic time its age closes it
 
     def __post_init__(self) -> None:
         streams = self.writer is None and self.partitioner is None

@@ -137,12 +137,19 @@ def _runs(chunks: list[Record], max_bytes: int, max_payloads: int) -> list[list[
     return groups
 
 
+async def _record_and_park(upload: Upload, batcher: Batcher) -> None:
+    """A batch replay made: its marker recorded, as any closing batch's, then parked."""
+    await batcher.record(upload)
+    metrics.BATCHES_CLOSED.inc()
+    metrics.PAYLOADS_REPLAYED.inc(upload.payloads)
+    batcher.delivery.park(upload)
+
+
 async def _rebatch(chunks: list[Record], batcher: Batcher) -> None:
     """Record consecutive chunks an earlier run left unbatched as a batch, then park it."""
     assert batcher.keys is not None
     compression = batcher.settings.compression
     first, last = chunks[0], chunks[-1]
-    writer = batcher.writer
     key = batcher.keys.batch(
         first.time, first.seq, last.seq, extension(batcher.settings.format, compression)
     )
@@ -154,13 +161,10 @@ async def _rebatch(chunks: list[Record], batcher: Batcher) -> None:
         last=max(c.time for c in chunks),
         raw_size=sum(len(c.body) for c in chunks),
         payloads=sum(c.body.count(b"\n") for c in chunks),
-        writer=writer,
+        writer=batcher.writer,
         keys=batcher.keys,
     )
-    await batcher.record(upload)
-    metrics.BATCHES_CLOSED.inc()
-    metrics.PAYLOADS_REPLAYED.inc(upload.payloads)
-    batcher.delivery.park(upload)
+    await _record_and_park(upload, batcher)
 
 
 async def _replay_partitions(
@@ -264,7 +268,6 @@ async def _rebatch_partition(
         partition,
         hours=not partitioner.by_event_time,
     )
-    writer = batcher.writer
     upload = Upload.batch(
         key,
         range(seqs[0], seqs[-1] + 1),
@@ -274,13 +277,10 @@ async def _rebatch_partition(
         raw_size=sum(map(len, lines)),
         payloads=len(lines),
         parts=lines,
-        writer=writer,
+        writer=batcher.writer,
         keys=batcher.keys,
         partition=partition,
         partitioner=partitioner,
         holds=tuple(seqs),
     )
-    await batcher.record(upload)
-    metrics.BATCHES_CLOSED.inc()
-    metrics.PAYLOADS_REPLAYED.inc(upload.payloads)
-    batcher.delivery.park(upload)
+    await _record_and_park(upload, batcher)
