@@ -115,14 +115,33 @@ def test_field_paths():
             },
         ),
         max_size=8,
-    )
+    ),
+    st.lists(st.booleans(), min_size=8, max_size=8),
+    st.sampled_from([("k",), ("k", "n")]),
+    st.sampled_from([None, "ts"]),
 )
-def test_the_scanned_fields_split_a_chunk_as_parsing_it_does(payloads):
-    chunk = b"".join(json.dumps(p).encode() + b"\n" for p in payloads)
-    scanned = Partitioner(["k"], "ts")
-    parsed = Partitioner(["k"], "ts")
+def test_the_scanned_fields_split_a_chunk_as_parsing_it_does(payloads, ascii, fields, time_field):
+    # "é" and "\u00e9" in one chunk: two texts of one value, whose lines interleave
+    chunk = b"".join(
+        json.dumps(p, ensure_ascii=a).encode() + b"\n"
+        for p, a in zip(payloads, ascii, strict=False)
+    )
+    scanned = Partitioner(fields, time_field)
+    parsed = Partitioner(fields, time_field)
     parsed._names = None  # as for a dotted path: every payload parsed whole
-    assert scanned.split(chunk, 1765000000.0) == parsed.split(chunk, 1765000000.0)
+    got = scanned.split(chunk, 1765000000.0)
+    want = parsed.split(chunk, 1765000000.0)
+    assert got == want
+    assert list(got[0]) == list(want[0])  # partitions in the order of their first line
+
+
+def test_a_value_spelt_two_ways_keeps_its_partitions_lines_in_order():
+    chunk = (
+        b'{"k":"\xc3\xa9","i":0}\n{"k":"b","i":1}\n{"k":"\\u00e9","i":2}\n{"k":"\xc3\xa9","i":3}\n'
+    )
+    parts, _ = Partitioner(["k"]).split(chunk, 1765000000.0)
+    assert [json.loads(ln)["i"] for ln in parts["k=%C3%A9/"]] == [0, 2, 3]
+    assert [json.loads(ln)["i"] for ln in parts["k=b/"]] == [1]
 
 
 def test_an_integer_past_64_bits_is_read_as_orjson_reads_it():

@@ -337,6 +337,37 @@ def test_field_values_are_what_orjson_reads(payloads, names, separators):
             assert (None if text is None else orjson.loads(text)) == want
 
 
+def _field_groups(
+    chunk: bytes, names: tuple[bytes, ...]
+) -> dict[tuple[bytes | None, ...], list[bytes]] | None:
+    py = _split_py.field_groups(chunk, names)
+    if _split_c is not None:
+        c = _split_c.field_groups(chunk, names)
+        assert c == py and (c is None or list(c) == list(py)), chunk
+    return py
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.dictionaries(st.sampled_from(["a", "b", "é"]), st.sampled_from([1, "x", None])),
+        max_size=8,
+    ),
+    FIELD_NAMES,
+)
+def test_field_groups_are_field_values_grouped(payloads, names):
+    chunk = b"".join(json.dumps(p, ensure_ascii=False).encode() + b"\n" for p in payloads)
+    wanted = tuple(n.encode() for n in names)
+    values = _field_values(chunk, wanted)
+    groups = _field_groups(chunk, wanted)
+    assert values is not None and groups is not None
+    want: dict[tuple[bytes | None, ...], list[bytes]] = {}
+    for row, line in enumerate(chunk.splitlines(keepends=True)):
+        want.setdefault(tuple(values[row * len(names) : (row + 1) * len(names)]), []).append(line)
+    assert groups == want
+    assert list(groups) == list(want)  # in the order of each group's first line
+
+
 @pytest.mark.parametrize(
     "chunk, want",
     [
@@ -354,12 +385,18 @@ def test_field_values_are_what_orjson_reads(payloads, names, separators):
 )
 def test_field_values_cases(chunk, want):
     assert _field_values(chunk, (b"a",)) == want
+    groups = _field_groups(chunk, (b"a",))
+    if want is None:
+        assert groups is None
+    else:
+        assert sum(map(len, groups.values())) == len(want)
 
 
 @given(st.binary(max_size=40) | st.text('{}[]",:\\ 0123456789.-eEtrufalsnuab\n', max_size=40))
 def test_field_values_of_arbitrary_bytes(raw):
     data = raw if isinstance(raw, bytes) else raw.encode()
     _field_values(data, (b"a", b"b"))  # the twins agree, and neither raises
+    _field_groups(data, (b"a", b"b"))
 
 
 # --- shape: a batch measured as a table ------------------------------------------------

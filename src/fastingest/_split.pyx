@@ -5,8 +5,8 @@
 what is returned and when None sends the body to the orjson path. Here the scan is
 C over the body's bytes: no Python object is made until the chunk is copied out, so
 a 10-payload collection costs one pass instead of orjson building every dict and
-string and dumping them again. ``field_values`` scans a chunk the same way for the
-fields a partitioned batch needs.
+string and dumping them again. ``field_values`` and ``field_groups`` scan a chunk the
+same way for the fields a partitioned batch needs.
 
 The scanning functions take no Python object and hold no reference (``nogil``).
 They are not run with the GIL released: a body is at most a few MiB and is scanned
@@ -14,6 +14,8 @@ in microseconds, less than a release and re-acquire would cost the event loop.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.ref cimport Py_INCREF
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from libc.string cimport memchr, memcmp, memcpy
 
 cdef enum:
@@ -410,69 +412,132 @@ def split_payloads(bytes body not None, bint unique=True):
 
 
 
+cdef struct Wanted:
+    int count
+    cstr names[MAX_FIELDS]
+    Py_ssize_t sizes[MAX_FIELDS]
+    Span found[MAX_FIELDS]  # each name's value in the line; start -1 where it lacks it
+
+
+cdef int _wanted(Wanted* w, tuple names) except -1:
+    cdef int k
+    cdef bytes name
+    if len(names) > MAX_FIELDS:
+        raise ValueError(f"at most {MAX_FIELDS} names")
+    w.count = len(names)
+    for k in range(w.count):
+        name = names[k]
+        w.names[k] = <cstr>PyBytes_AS_STRING(name)
+        w.sizes[k] = PyBytes_GET_SIZE(name)
+    return 0
+
+
+cdef bint _members(cstr s, Py_ssize_t start, Py_ssize_t stop, Wanted* w) noexcept nogil:
+    """Find w's names among the top-level members of the object s[start:stop]; False
+    where the line is not one object read whole or writes a name with an escape."""
+    cdef Py_ssize_t i, end, value, name_at, name_size
+    cdef int k
+    for k in range(w.count):
+        w.found[k].start = -1
+    i = _ws(s, start, stop)
+    if i >= stop or s[i] != 0x7B:
+        return False
+    i = _ws(s, i + 1, stop)
+    if i < stop and s[i] == 0x7D:
+        return _ws(s, i + 1, stop) == stop
+    while True:
+        if i >= stop or s[i] != 0x22:
+            return False
+        end = _string(s, i, stop)
+        if end < 0 or memchr(s + i + 1, 0x5C, end - i - 2) != NULL:
+            return False  # a name written with an escape: only orjson would match it
+        name_at = i + 1
+        name_size = end - i - 2
+        i = _ws(s, end, stop)
+        if i >= stop or s[i] != 0x3A:
+            return False
+        value = _ws(s, i + 1, stop)
+        i = _value(s, value, stop, 1, False)
+        if i < 0:
+            return False
+        for k in range(w.count):
+            if w.sizes[k] == name_size and memcmp(w.names[k], s + name_at, name_size) == 0:
+                w.found[k].start = value
+                w.found[k].end = i
+        i = _ws(s, i, stop)
+        if i < stop and s[i] == 0x2C:
+            i = _ws(s, i + 1, stop)
+        elif i < stop and s[i] == 0x7D:
+            return _ws(s, i + 1, stop) == stop
+        else:
+            return False
+
+
+cdef inline object _found(cstr s, Wanted* w, int k):
+    if w.found[k].start < 0:
+        return None
+    return PyBytes_FromStringAndSize(<const char*>s + w.found[k].start,
+                                     w.found[k].end - w.found[k].start)
+
+
 def field_values(bytes chunk not None, tuple names not None):
     """The JSON text of the top-level members `names` of each line's object, line after
     line; None for the chunk where a line is not one object read whole (see the twin)."""
     cdef cstr s = <cstr>PyBytes_AS_STRING(chunk)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(chunk)
-    cdef Py_ssize_t start = 0, stop, i, end, value, name_at, name_size
+    cdef Py_ssize_t start = 0, stop
     cdef const void* newline
-    cdef cstr wanted[MAX_FIELDS]
-    cdef Py_ssize_t sizes[MAX_FIELDS]
-    cdef int k, count = len(names)
-    cdef bytes name
+    cdef Wanted w
+    cdef int k
     cdef list out = []
-    cdef list values
-    if count > MAX_FIELDS:
-        raise ValueError(f"at most {MAX_FIELDS} names")
-    for k in range(count):
-        name = names[k]
-        wanted[k] = <cstr>PyBytes_AS_STRING(name)
-        sizes[k] = PyBytes_GET_SIZE(name)
+    _wanted(&w, names)
     while start < n:
         newline = memchr(s + start, 0x0A, n - start)
         if newline == NULL:
             return None
         stop = <cstr>newline - s
-        values = [None] * count
-        i = _ws(s, start, stop)
-        if i >= stop or s[i] != 0x7B:
+        if not _members(s, start, stop, &w):
             return None
-        i = _ws(s, i + 1, stop)
-        if i < stop and s[i] == 0x7D:
-            i += 1
-        else:
-            while True:
-                if i >= stop or s[i] != 0x22:
-                    return None
-                end = _string(s, i, stop)
-                if end < 0 or memchr(s + i + 1, 0x5C, end - i - 2) != NULL:
-                    return None  # a name written with an escape: only orjson would match it
-                name_at = i + 1
-                name_size = end - i - 2
-                i = _ws(s, end, stop)
-                if i >= stop or s[i] != 0x3A:
-                    return None
-                value = _ws(s, i + 1, stop)
-                i = _value(s, value, stop, 1, False)
-                if i < 0:
-                    return None
-                for k in range(count):
-                    if sizes[k] == name_size and memcmp(wanted[k], s + name_at, name_size) == 0:
-                        values[k] = PyBytes_FromStringAndSize(<const char*>s + value, i - value)
-                i = _ws(s, i, stop)
-                if i < stop and s[i] == 0x2C:
-                    i = _ws(s, i + 1, stop)
-                elif i < stop and s[i] == 0x7D:
-                    i += 1
-                    break
-                else:
-                    return None
-        if _ws(s, i, stop) != stop:
-            return None
-        out.extend(values)
+        for k in range(w.count):
+            out.append(_found(s, &w, k))
         start = stop + 1
     return out
+
+
+def field_groups(bytes chunk not None, tuple names not None):
+    """The lines of `chunk` grouped by the JSON text of their top-level members `names`
+    (see the twin); None where field_values is."""
+    cdef cstr s = <cstr>PyBytes_AS_STRING(chunk)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(chunk)
+    cdef Py_ssize_t start = 0, stop
+    cdef const void* newline
+    cdef Wanted w
+    cdef int k
+    cdef dict groups = {}
+    cdef tuple key
+    cdef object value, lines
+    cdef bytes line
+    _wanted(&w, names)
+    while start < n:
+        newline = memchr(s + start, 0x0A, n - start)
+        if newline == NULL:
+            return None
+        stop = <cstr>newline - s
+        if not _members(s, start, stop, &w):
+            return None
+        key = PyTuple_New(w.count)
+        for k in range(w.count):
+            value = _found(s, &w, k)
+            Py_INCREF(value)  # PyTuple_SET_ITEM steals it
+            PyTuple_SET_ITEM(key, k, value)
+        line = PyBytes_FromStringAndSize(<const char*>s + start, stop + 1 - start)
+        lines = groups.get(key)
+        if lines is None:
+            groups[key] = [line]
+        else:
+            (<list>lines).append(line)
+        start = stop + 1
+    return groups
 
 
 # --- shape: a batch measured as a table ------------------------------------------------

@@ -28,7 +28,8 @@ not plainly fine:
 
 ``field_values(chunk, names)`` reads an NDJSON chunk the splitter made and hands out
 the JSON text of some top-level members of each payload, for partitioning: one scan
-instead of orjson building every payload.
+instead of orjson building every payload. ``field_groups(chunk, names)`` scans the same
+way and groups the lines by that text: a chunk's lines with the same values, together.
 
 ``shape(batch, limit)`` measures an NDJSON batch as a table: its lines, its distinct
 field paths (a member's name under its parent's path; an array's elements under one
@@ -118,6 +119,27 @@ def field_values(chunk: bytes, names: tuple[bytes, ...]) -> list[bytes | None] |
         out += values
         start = stop + 1
     return out
+
+
+def field_groups(
+    chunk: bytes, names: tuple[bytes, ...]
+) -> dict[tuple[bytes | None, ...], list[bytes]] | None:
+    """The lines of `chunk`, each with its newline, grouped by the JSON text of their
+    top-level members `names` (as field_values reads it): groups in the order of their
+    first line, lines in order. None where field_values is None.
+    """
+    groups: dict[tuple[bytes | None, ...], list[bytes]] = {}
+    start = 0
+    while start < len(chunk):
+        stop = chunk.find(b"\n", start)
+        if stop < 0:
+            return None
+        values = _members(chunk[start:stop], names)
+        if values is None:
+            return None
+        groups.setdefault(tuple(values), []).append(chunk[start : stop + 1])
+        start = stop + 1
+    return groups
 
 
 def _members(line: bytes, names: tuple[bytes, ...]) -> list[bytes | None] | None:

@@ -17,11 +17,13 @@ batch's arrival time, as without partitions).
   ``MILLIS_FROM`` on) or an RFC 3339 string. A payload whose field is missing or
   unreadable lands under its arrival hour instead, and is counted.
 
-Top-level fields are read from the chunk by the splitter's scan (``field_values``),
-without parsing whole payloads; a dotted path, or a chunk the scan declines, is parsed
-by orjson, which reads the same values. A chunk is always split the same way from its
-bytes and its arrival time, which the spool keeps, so a replay finds each batch's
-payloads again (see replay.py).
+Top-level fields are read from the chunk by the splitter's scan, without parsing whole
+payloads: without an event time the scan groups a chunk's lines by their fields' text
+(``field_groups``), so a partition's key is made once per group, not per line; with
+one, each line's values (``field_values``). A dotted path, or a chunk the scan
+declines, is parsed by orjson, which reads the same values. A chunk is always split
+the same way from its bytes and its arrival time, which the spool keeps, so a replay
+finds each batch's payloads again (see replay.py).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from urllib.parse import quote
 
 import orjson
 
-from fastingest.split import field_values
+from fastingest.split import field_groups, field_values
 
 DEFAULT_PARTITION = "__HIVE_DEFAULT_PARTITION__"
 MAX_VALUE_CHARS = 128
@@ -120,6 +122,7 @@ class Partitioner:
         simple = len(wanted) <= SCANNED_FIELDS and not any("." in f for f in wanted)
         self._names = tuple(f.encode() for f in wanted) if simple else None
         self._by_text = [(name, dict[bytes | None, str]()) for name, _, _ in self._paths]
+        self._keys: dict[tuple[bytes | None, ...], str] = {}  # fields' texts -> partition
 
     @property
     def spec(self) -> str:
@@ -138,9 +141,21 @@ class Partitioner:
     def split(self, chunk: bytes, received: float) -> tuple[dict[str, list[bytes]], int]:
         """({partition: its lines, in order, each with its newline}, payloads that fell
         back to the arrival time for want of an event time)."""
-        values = field_values(chunk, self._names) if self._names is not None else None
+        names = self._names
+        if names is not None and self._time_path is None:
+            groups = field_groups(chunk, names)
+            if groups is None:
+                return self._split_parsed(chunk, received)
+            joined = self._join_groups(groups)
+            if joined is not None:
+                return joined, 0
+        values = field_values(chunk, names) if names is not None else None
         if values is not None:
             return self._split_values(chunk, values, received)
+        return self._split_parsed(chunk, received)
+
+    def _split_parsed(self, chunk: bytes, received: float) -> tuple[dict[str, list[bytes]], int]:
+        """split(), each payload parsed whole by orjson."""
         parts: dict[str, list[bytes]] = {}
         fallbacks = 0
         loads, find, partition = _loads, chunk.find, self.partition
@@ -152,6 +167,29 @@ class Partitioner:
             fallbacks += fell_back
             parts.setdefault(key, []).append(line)
         return parts, fallbacks
+
+    def _join_groups(
+        self, groups: dict[tuple[bytes | None, ...], list[bytes]]
+    ) -> dict[str, list[bytes]] | None:
+        """split() without an event time, from the scan's groups of lines with the same
+        fields' text (`field_groups`): work per group, not per line. None where two groups
+        are one partition (a value spelt two ways, "a" and "\\u0061"): their lines
+        interleave, and only a walk line by line keeps them in order."""
+        parts: dict[str, list[bytes]] = {}
+        keys = self._keys
+        for texts, lines in groups.items():
+            key = keys.get(texts)
+            if key is None:
+                if len(keys) >= _VALUES_KEPT:
+                    keys.clear()
+                key = keys[texts] = "".join(
+                    f"{name}={encode_value(None if text is None else _loads(text))}/"
+                    for (name, _), text in zip(self._by_text, texts, strict=True)
+                )
+            if key in parts:
+                return None
+            parts[key] = lines
+        return parts
 
     def _split_values(
         self, chunk: bytes, values: list[bytes | None], received: float
