@@ -339,6 +339,8 @@ def reference(name: str, *cmd: str) -> Server:
 
 def cases(args: argparse.Namespace) -> list[Server]:
     servers = _cases(args)
+    if args.rows:
+        servers = [s for s in servers if any(r == s.name for r in args.rows)]
     if args.baseline is None:
         return servers
     # Each fastingest row again, run from another source tree: a change's before and after
@@ -555,6 +557,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a source tree of fastingest (extensions built in place) to run beside this one, "
         "row by row: a change's before/after in the same rounds",
+    )
+    ap.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        help="run only these rows of the case, by name (e.g. 'fastingest ndjson')",
     )
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(

@@ -119,14 +119,17 @@ def test_field_paths():
     st.lists(st.booleans(), min_size=8, max_size=8),
     st.sampled_from([("k",), ("k", "n")]),
     st.sampled_from([None, "ts"]),
+    st.booleans(),
 )
-def test_the_scanned_fields_split_a_chunk_as_parsing_it_does(payloads, ascii, fields, time_field):
+def test_the_scanned_fields_split_a_chunk_as_parsing_it_does(
+    payloads, ascii, fields, time_field, unique
+):
     # "é" and "\u00e9" in one chunk: two texts of one value, whose lines interleave
     chunk = b"".join(
         json.dumps(p, ensure_ascii=a).encode() + b"\n"
         for p, a in zip(payloads, ascii, strict=False)
     )
-    scanned = Partitioner(fields, time_field)
+    scanned = Partitioner(fields, time_field, unique)  # no payload here repeats a name
     parsed = Partitioner(fields, time_field)
     parsed._names = None  # as for a dotted path: every payload parsed whole
     got = scanned.split(chunk, 1765000000.0)
@@ -152,3 +155,13 @@ def test_an_integer_past_64_bits_is_read_as_orjson_reads_it():
     assert fallbacks == 1  # no year that far: the arrival hour
     p._names = None
     assert p.split(chunk, 1765000000.0) == (parts, fallbacks)
+
+
+def test_the_spec_keeps_how_a_run_scanned_its_chunks():
+    p = Partitioner(["k"], "ts", unique=True)
+    again = Partitioner.from_spec(p.spec)
+    assert (again.fields, again.time_field, again.unique) == (("k",), "ts", True)
+    # a spool written before the spec said: its chunks may repeat a name, so read lines whole
+    assert not Partitioner.from_spec('{"fields":["k"],"time_field":null}').unique
+    chunk = b'{"k":"a","k":"b"}\n'
+    assert list(Partitioner(["k"]).split(chunk, 0.0)[0]) == ["k=b/"]  # as orjson reads it

@@ -307,10 +307,12 @@ def test_a_repeated_name_anywhere_in_a_payload_is_caught(payloads, data):
 FIELD_NAMES = st.lists(st.sampled_from(["a", "b", "é", "ts", ""]), min_size=1, max_size=3)
 
 
-def _field_values(chunk: bytes, names: tuple[bytes, ...]) -> list[bytes | None] | None:
-    py = _split_py.field_values(chunk, names)
+def _field_values(
+    chunk: bytes, names: tuple[bytes, ...], unique: bool = False
+) -> list[bytes | None] | None:
+    py = _split_py.field_values(chunk, names, unique)
     if _split_c is not None:
-        assert _split_c.field_values(chunk, names) == py, chunk
+        assert _split_c.field_values(chunk, names, unique) == py, chunk
     return py
 
 
@@ -326,6 +328,8 @@ def test_field_values_are_what_orjson_reads(payloads, names, separators):
     )
     wanted = tuple(n.encode() for n in names)
     got = _field_values(chunk, wanted)
+    if got is not None:  # no payload repeats a name: reading up to the last one wanted agrees
+        assert _field_values(chunk, wanted, unique=True) == got
     if got is None:  # the scanner declines what it cannot vouch for: exponents, say
         assert any(_split_py.split_payloads(line) is None for line in chunk.splitlines())
         return
@@ -338,11 +342,11 @@ def test_field_values_are_what_orjson_reads(payloads, names, separators):
 
 
 def _field_groups(
-    chunk: bytes, names: tuple[bytes, ...]
+    chunk: bytes, names: tuple[bytes, ...], unique: bool = False
 ) -> dict[tuple[bytes | None, ...], list[bytes]] | None:
-    py = _split_py.field_groups(chunk, names)
+    py = _split_py.field_groups(chunk, names, unique)
     if _split_c is not None:
-        c = _split_c.field_groups(chunk, names)
+        c = _split_c.field_groups(chunk, names, unique)
         assert c == py and (c is None or list(c) == list(py)), chunk
     return py
 
@@ -366,6 +370,22 @@ def test_field_groups_are_field_values_grouped(payloads, names):
         want.setdefault(tuple(values[row * len(names) : (row + 1) * len(names)]), []).append(line)
     assert groups == want
     assert list(groups) == list(want)  # in the order of each group's first line
+    assert _field_groups(chunk, wanted, unique=True) == groups
+
+
+@pytest.mark.parametrize(
+    "chunk, names, want",
+    [
+        (b'{"a":1,"b":1e5}\n', (b"a",), [b"1"]),  # the rest of the line is not read
+        (b'{"b":1e5,"a":1}\n', (b"a",), None),
+        (b'{"a":1,"b":2,"c":x\n', (b"b", b"a"), [b"2", b"1"]),
+        (b'{"a":1,"a":2}\n', (b"a",), [b"1"]),  # what a line that repeats a name may not do
+        (b'{"t":1,"x":2}\n', (b"t", b"t"), [b"1", b"1"]),
+        (b'{"x":2}\n', (b"a",), [None]),
+    ],
+)
+def test_field_values_of_lines_that_repeat_no_name(chunk, names, want):
+    assert _field_values(chunk, names, unique=True) == want
 
 
 @pytest.mark.parametrize(
@@ -397,6 +417,8 @@ def test_field_values_of_arbitrary_bytes(raw):
     data = raw if isinstance(raw, bytes) else raw.encode()
     _field_values(data, (b"a", b"b"))  # the twins agree, and neither raises
     _field_groups(data, (b"a", b"b"))
+    _field_values(data, (b"a", b"b"), unique=True)
+    _field_groups(data, (b"b", b"b"), unique=True)
 
 
 # --- shape: a batch measured as a table ------------------------------------------------

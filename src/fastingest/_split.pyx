@@ -414,17 +414,21 @@ def split_payloads(bytes body not None, bint unique=True):
 
 cdef struct Wanted:
     int count
+    int distinct  # names not given twice
+    bint unique  # no line repeats a member name: stop at the last name wanted
     cstr names[MAX_FIELDS]
     Py_ssize_t sizes[MAX_FIELDS]
     Span found[MAX_FIELDS]  # each name's value in the line; start -1 where it lacks it
 
 
-cdef int _wanted(Wanted* w, tuple names) except -1:
+cdef int _wanted(Wanted* w, tuple names, bint unique) except -1:
     cdef int k
     cdef bytes name
     if len(names) > MAX_FIELDS:
         raise ValueError(f"at most {MAX_FIELDS} names")
     w.count = len(names)
+    w.distinct = len(set(names))
+    w.unique = unique
     for k in range(w.count):
         name = names[k]
         w.names[k] = <cstr>PyBytes_AS_STRING(name)
@@ -436,7 +440,8 @@ cdef bint _members(cstr s, Py_ssize_t start, Py_ssize_t stop, Wanted* w) noexcep
     """Find w's names among the top-level members of the object s[start:stop]; False
     where the line is not one object read whole or writes a name with an escape."""
     cdef Py_ssize_t i, end, value, name_at, name_size
-    cdef int k
+    cdef int k, left = w.distinct
+    cdef bint matched
     for k in range(w.count):
         w.found[k].start = -1
     i = _ws(s, start, stop)
@@ -460,10 +465,16 @@ cdef bint _members(cstr s, Py_ssize_t start, Py_ssize_t stop, Wanted* w) noexcep
         i = _value(s, value, stop, 1, False)
         if i < 0:
             return False
+        matched = False
         for k in range(w.count):
             if w.sizes[k] == name_size and memcmp(w.names[k], s + name_at, name_size) == 0:
                 w.found[k].start = value
                 w.found[k].end = i
+                matched = True
+        if matched:
+            left -= 1
+            if w.unique and left == 0:
+                return True
         i = _ws(s, i, stop)
         if i < stop and s[i] == 0x2C:
             i = _ws(s, i + 1, stop)
@@ -480,7 +491,7 @@ cdef inline object _found(cstr s, Wanted* w, int k):
                                      w.found[k].end - w.found[k].start)
 
 
-def field_values(bytes chunk not None, tuple names not None):
+def field_values(bytes chunk not None, tuple names not None, bint unique=False):
     """The JSON text of the top-level members `names` of each line's object, line after
     line; None for the chunk where a line is not one object read whole (see the twin)."""
     cdef cstr s = <cstr>PyBytes_AS_STRING(chunk)
@@ -490,7 +501,7 @@ def field_values(bytes chunk not None, tuple names not None):
     cdef Wanted w
     cdef int k
     cdef list out = []
-    _wanted(&w, names)
+    _wanted(&w, names, unique)
     while start < n:
         newline = memchr(s + start, 0x0A, n - start)
         if newline == NULL:
@@ -504,7 +515,7 @@ def field_values(bytes chunk not None, tuple names not None):
     return out
 
 
-def field_groups(bytes chunk not None, tuple names not None):
+def field_groups(bytes chunk not None, tuple names not None, bint unique=False):
     """The lines of `chunk` grouped by the JSON text of their top-level members `names`
     (see the twin); None where field_values is."""
     cdef cstr s = <cstr>PyBytes_AS_STRING(chunk)
@@ -517,7 +528,7 @@ def field_groups(bytes chunk not None, tuple names not None):
     cdef tuple key
     cdef object value, lines
     cdef bytes line
-    _wanted(&w, names)
+    _wanted(&w, names, unique)
     while start < n:
         newline = memchr(s + start, 0x0A, n - start)
         if newline == NULL:

@@ -99,13 +99,19 @@ def members_unique(body: bytes) -> bool:
     return True
 
 
-def field_values(chunk: bytes, names: tuple[bytes, ...]) -> list[bytes | None] | None:
+def field_values(
+    chunk: bytes, names: tuple[bytes, ...], unique: bool = False
+) -> list[bytes | None] | None:
     """The JSON text of the top-level members `names` of each line's object, line after
     line: ``[line 0's names..., line 1's names..., ...]``, None for a name a line lacks
     (for a name given twice, the last, as orjson reads it).
 
     None for the whole chunk where a line is not one object the scanner reads whole, or
     writes a top-level name with an escape: a name only orjson would match.
+
+    With `unique` (no line repeats a member name, however spelt: the splitter's check),
+    a line is read only up to the last of `names` it holds, so neither a later name
+    nor the line's end is looked at.
     """
     out: list[bytes | None] = []
     start = 0
@@ -113,7 +119,7 @@ def field_values(chunk: bytes, names: tuple[bytes, ...]) -> list[bytes | None] |
         stop = chunk.find(b"\n", start)
         if stop < 0:
             return None
-        values = _members(chunk[start:stop], names)
+        values = _members(chunk[start:stop], names, unique)
         if values is None:
             return None
         out += values
@@ -122,7 +128,7 @@ def field_values(chunk: bytes, names: tuple[bytes, ...]) -> list[bytes | None] |
 
 
 def field_groups(
-    chunk: bytes, names: tuple[bytes, ...]
+    chunk: bytes, names: tuple[bytes, ...], unique: bool = False
 ) -> dict[tuple[bytes | None, ...], list[bytes]] | None:
     """The lines of `chunk`, each with its newline, grouped by the JSON text of their
     top-level members `names` (as field_values reads it): groups in the order of their
@@ -134,7 +140,7 @@ def field_groups(
         stop = chunk.find(b"\n", start)
         if stop < 0:
             return None
-        values = _members(chunk[start:stop], names)
+        values = _members(chunk[start:stop], names, unique)
         if values is None:
             return None
         groups.setdefault(tuple(values), []).append(chunk[start : stop + 1])
@@ -142,9 +148,10 @@ def field_groups(
     return groups
 
 
-def _members(line: bytes, names: tuple[bytes, ...]) -> list[bytes | None] | None:
+def _members(line: bytes, names: tuple[bytes, ...], unique: bool) -> list[bytes | None] | None:
     n = len(line)
     values: list[bytes | None] = [None] * len(names)
+    left = len(set(names))  # names not found yet
     i = _ws(line, 0)
     if i >= n or line[i] != OBJECT:
         return None
@@ -165,9 +172,13 @@ def _members(line: bytes, names: tuple[bytes, ...]) -> list[bytes | None] | None
         i = _value(line, start, 1, False)
         if i < 0:
             return None
-        for k, wanted in enumerate(names):
-            if name == wanted:
-                values[k] = line[start:i]
+        if name in names:
+            for k, wanted in enumerate(names):
+                if name == wanted:
+                    values[k] = line[start:i]
+            left -= 1
+            if unique and not left:
+                return values
         i = _ws(line, i)
         if i < n and line[i] == COMMA:
             i = _ws(line, i + 1)

@@ -49,7 +49,8 @@ def parquet_writer(settings: Settings, compression: str | None = None) -> Parque
 def partitioner(settings: Settings) -> Partitioner | None:
     if not settings.partition_by and settings.time_field is None:
         return None
-    return Partitioner(settings.partition_by, settings.time_field)
+    unique = settings.duplicate_keys == "refuse"
+    return Partitioner(settings.partition_by, settings.time_field, unique)
 
 
 class Batcher:

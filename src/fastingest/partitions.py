@@ -109,9 +109,14 @@ def event_time(value: Any) -> float | None:
 class Partitioner:
     """Splits NDJSON chunks into their payloads' partitions."""
 
-    def __init__(self, fields: Sequence[str], time_field: str | None = None) -> None:
+    def __init__(
+        self, fields: Sequence[str], time_field: str | None = None, unique: bool = False
+    ) -> None:
         self.fields = tuple(fields)
         self.time_field = time_field
+        # The chunks repeat no member name (the run refused them): a line is scanned only
+        # up to the last field wanted. Kept in the spec, as a replay must scan the same way.
+        self.unique = unique
         # (segment name, path, its string values' segments seen lately)
         self._paths = [(f.replace(".", "_"), f.split("."), dict[str, str]()) for f in fields]
         self._time_path = time_field.split(".") if time_field else None
@@ -127,12 +132,13 @@ class Partitioner:
     @property
     def spec(self) -> str:
         """What decides a payload's partition, as text (kept with the spool, per run)."""
-        return orjson.dumps({"fields": self.fields, "time_field": self.time_field}).decode()
+        spec = {"fields": self.fields, "time_field": self.time_field, "unique": self.unique}
+        return orjson.dumps(spec).decode()
 
     @classmethod
     def from_spec(cls, spec: str) -> Partitioner:
         loaded = orjson.loads(spec)
-        return cls(loaded["fields"], loaded["time_field"])
+        return cls(loaded["fields"], loaded["time_field"], loaded.get("unique", False))
 
     @property
     def by_event_time(self) -> bool:
@@ -143,13 +149,13 @@ class Partitioner:
         back to the arrival time for want of an event time)."""
         names = self._names
         if names is not None and self._time_path is None:
-            groups = field_groups(chunk, names)
+            groups = field_groups(chunk, names, self.unique)
             if groups is None:
                 return self._split_parsed(chunk, received)
             joined = self._join_groups(groups)
             if joined is not None:
                 return joined, 0
-        values = field_values(chunk, names) if names is not None else None
+        values = field_values(chunk, names, self.unique) if names is not None else None
         if values is not None:
             return self._split_values(chunk, values, received)
         return self._split_parsed(chunk, received)
