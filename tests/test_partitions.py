@@ -161,7 +161,7 @@ def test_the_spec_keeps_how_a_run_scanned_its_chunks():
     p = Partitioner(["k"], "ts", unique=True)
     again = Partitioner.from_spec(p.spec)
     assert (again.fields, again.time_field, again.unique) == (("k",), "ts", True)
-    # a spool written before the spec said: its chunks may repeat a name, so read lines whole
+    # a spec without it: its chunks may repeat a name, so lines are read whole
     assert not Partitioner.from_spec('{"fields":["k"],"time_field":null}').unique
     chunk = b'{"k":"a","k":"b"}\n'
     assert list(Partitioner(["k"]).split(chunk, 0.0)[0]) == ["k=b/"]  # as orjson reads it
