@@ -4,6 +4,8 @@
     python -m bench.http_bench --case anchors --n 1 10   # vs the Go design, pynaive, nginx
     python -m bench.http_bench --case ack --baseline /tmp/before   # a change, before/after
     python -m bench.http_bench --case landing --n 10     # Parquet and partitions vs NDJSON
+    python -m bench.http_bench --case landing --n 10 --rows "fastingest ndjson" \
+        "fastingest ndjson --partition-by type" --baseline /tmp/before   # some rows only
 
 For each server: start its sink (moto_server on 127.0.0.1, or a directory), start
 the server, warm up, measure for --duration seconds with wrk and

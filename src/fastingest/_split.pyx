@@ -494,36 +494,23 @@ cdef inline object _found(cstr s, Wanted* w, int k):
 def field_values(bytes chunk not None, tuple names not None, bint unique=False):
     """The JSON text of the top-level members `names` of each line's object, line after
     line; None for the chunk where a line is not one object read whole (see the twin)."""
-    cdef cstr s = <cstr>PyBytes_AS_STRING(chunk)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(chunk)
-    cdef Py_ssize_t start = 0, stop
-    cdef const void* newline
-    cdef Wanted w
-    cdef int k
-    cdef list out = []
-    _wanted(&w, names, unique)
-    while start < n:
-        newline = memchr(s + start, 0x0A, n - start)
-        if newline == NULL:
-            return None
-        stop = <cstr>newline - s
-        if not _members(s, start, stop, &w):
-            return None
-        for k in range(w.count):
-            out.append(_found(s, &w, k))
-        start = stop + 1
-    return out
+    return _scan(chunk, names, unique, False)
 
 
 def field_groups(bytes chunk not None, tuple names not None, bint unique=False):
     """The lines of `chunk` grouped by the JSON text of their top-level members `names`
     (see the twin); None where field_values is."""
+    return _scan(chunk, names, unique, True)
+
+
+cdef object _scan(bytes chunk, tuple names, bint unique, bint grouped):
     cdef cstr s = <cstr>PyBytes_AS_STRING(chunk)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(chunk)
     cdef Py_ssize_t start = 0, stop
     cdef const void* newline
     cdef Wanted w
     cdef int k
+    cdef list values = []
     cdef dict groups = {}
     cdef tuple key
     cdef object value, lines
@@ -536,6 +523,11 @@ def field_groups(bytes chunk not None, tuple names not None, bint unique=False):
         stop = <cstr>newline - s
         if not _members(s, start, stop, &w):
             return None
+        if not grouped:
+            for k in range(w.count):
+                values.append(_found(s, &w, k))
+            start = stop + 1
+            continue
         key = PyTuple_New(w.count)
         for k in range(w.count):
             value = _found(s, &w, k)
@@ -548,7 +540,7 @@ def field_groups(bytes chunk not None, tuple names not None, bint unique=False):
         else:
             (<list>lines).append(line)
         start = stop + 1
-    return groups
+    return groups if grouped else values
 
 
 # --- shape: a batch measured as a table ------------------------------------------------

@@ -113,18 +113,8 @@ def field_values(
     a line is read only up to the last of `names` it holds, so neither a later name
     nor the line's end is looked at.
     """
-    out: list[bytes | None] = []
-    start = 0
-    while start < len(chunk):
-        stop = chunk.find(b"\n", start)
-        if stop < 0:
-            return None
-        values = _members(chunk[start:stop], names, unique)
-        if values is None:
-            return None
-        out += values
-        start = stop + 1
-    return out
+    rows = _rows(chunk, names, unique)
+    return None if rows is None else [value for _, values in rows for value in values]
 
 
 def field_groups(
@@ -134,7 +124,20 @@ def field_groups(
     top-level members `names` (as field_values reads it): groups in the order of their
     first line, lines in order. None where field_values is None.
     """
+    rows = _rows(chunk, names, unique)
+    if rows is None:
+        return None
     groups: dict[tuple[bytes | None, ...], list[bytes]] = {}
+    for line, values in rows:
+        groups.setdefault(tuple(values), []).append(line)
+    return groups
+
+
+def _rows(
+    chunk: bytes, names: tuple[bytes, ...], unique: bool
+) -> list[tuple[bytes, list[bytes | None]]] | None:
+    """Each line of `chunk` (with its newline) and its values of `names`; None as above."""
+    rows = []
     start = 0
     while start < len(chunk):
         stop = chunk.find(b"\n", start)
@@ -143,9 +146,9 @@ def field_groups(
         values = _members(chunk[start:stop], names, unique)
         if values is None:
             return None
-        groups.setdefault(tuple(values), []).append(chunk[start : stop + 1])
+        rows.append((chunk[start : stop + 1], values))
         start = stop + 1
-    return groups
+    return rows
 
 
 def _members(line: bytes, names: tuple[bytes, ...], unique: bool) -> list[bytes | None] | None:
