@@ -110,8 +110,8 @@ def field_values(
     writes a top-level name with an escape: a name only orjson would match.
 
     With `unique` (no line repeats a member name, however spelt: the splitter's check),
-    a line is read only up to the last of `names` it holds, so neither a later name
-    nor the line's end is looked at.
+    a line is read only until each of `names` is found, so neither a later member nor
+    the line's end is looked at; a line that lacks one is read whole.
     """
     rows = _rows(chunk, names, unique)
     return None if rows is None else [value for _, values in rows for value in values]
