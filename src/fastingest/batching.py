@@ -318,9 +318,11 @@ class Upload:
                 for line in self.partitioner.select(found[s][0], found[s][1], self.partition)
             ]
         self.parts = chunks
-        self.raw_size = sum(len(c) for c in chunks)
+        self.raw_size = sum(map(len, chunks))
         if self.part < 0:
-            self.payloads = sum(c.count(b"\n") for c in chunks)
+            # a partition's parts are lines: one payload each
+            lines = self.partitioner is not None
+            self.payloads = len(chunks) if lines else sum(c.count(b"\n") for c in chunks)
             if times := [found[s][1] for s in present]:
                 self.last = max(times)
 
