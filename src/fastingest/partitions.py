@@ -115,7 +115,7 @@ class Partitioner:
         self.fields = tuple(fields)
         self.time_field = time_field
         # The chunks repeat no member name (the run refused them): a line is scanned only
-        # up to the last field wanted. Kept in the spec, as a replay must scan the same way.
+        # until each field wanted is found. Kept in the spec: a replay scans the same way.
         self.unique = unique
         # (segment name, path, its string values' segments seen lately)
         self._paths = [(f.replace(".", "_"), f.split("."), dict[str, str]()) for f in fields]
