@@ -347,7 +347,8 @@ def _field_groups(
     py = _split_py.field_groups(chunk, names, unique)
     if _split_c is not None:
         c = _split_c.field_groups(chunk, names, unique)
-        assert c == py and (c is None or list(c) == list(py)), chunk
+        assert c == py, chunk
+        assert list(c or ()) == list(py or ()), chunk  # the groups in the same order
     return py
 
 
