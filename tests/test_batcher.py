@@ -4,9 +4,11 @@ boundaries recorded in the spool before it is handed on."""
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 import time
 
+import pyarrow.parquet as pq
 import pytest
 import zstandard
 
@@ -278,16 +280,15 @@ def test_a_parquet_batch_is_left_for_a_seal_thread(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["parquet", "ndjson"])
 def test_while_the_seal_thread_is_busy(tmp_path, monkeypatch, fmt):
-    """A few partitions' Parquet batches wait for it with their bytes, the rest without;
-    an NDJSON batch is compressed on the loop instead of waiting."""
-    from fastingest.delivery import HOLD_WAITING
+    """Partitions' Parquet batches wait for it with their bytes packed, not to be read back
+    from the spool; an NDJSON batch is compressed on the loop instead of waiting."""
 
     async def main() -> None:
         rig = Rig(
             tmp_path, format=fmt, partition_by=("k",), max_open_partitions=1, batch_max_age=60
         )
         rig.start()
-        for i in range(HOLD_WAITING + 3):  # each closes the one before: one partition open
+        for i in range(5):  # each closes the one before: one partition open
             rig.submit(b'{"k":%d,"pad":"%s"}\n' % (i, b"x" * 70_000))
         rig.batcher.intake.close()
         assert rig.task is not None
@@ -301,17 +302,25 @@ def test_while_the_seal_thread_is_busy(tmp_path, monkeypatch, fmt):
                 release.wait(10)
             seal(upload)
 
+        async def no_reload(upload: Upload, spool: object) -> None:
+            raise AssertionError(f"{upload.key} was read back")
+
         monkeypatch.setattr(Upload, "seal", slow_seal)
+        monkeypatch.setattr(Upload, "reload", no_reload)
         loading = [asyncio.create_task(rig.delivery._load(u)) for u in uploads]
         await asyncio.sleep(0.2)
-        if fmt == "parquet":  # one in the seal thread, four waiting with their bytes
-            assert [bool(u.parts) for u in uploads] == [True] * (1 + HOLD_WAITING) + [False] * 2
+        if fmt == "parquet":  # one in the seal thread, the others waiting packed
+            assert [bool(u.parts) for u in uploads] == [True] + [False] * 4
+            assert [bool(u.packed) for u in uploads] == [False] + [True] * 4
+            assert all(len(u.packed) < 1_000 for u in uploads[1:])  # 70 kB of one byte
         else:  # one in the seal thread, the others compressed here
-            assert [bool(u.sha256) for u in uploads] == [False] + [True] * (HOLD_WAITING + 2)
+            assert [bool(u.sha256) for u in uploads] == [False] + [True] * 4
         release.set()
         await asyncio.gather(*loading)
-        assert all(u.sha256 and u.payloads == 1 for u in uploads)  # read back from the spool
-        assert rig.delivery._holding == 0
+        assert all(u.sha256 and u.payloads == 1 and not u.packed for u in uploads)
+        if fmt == "parquet":
+            tables = [pq.read_table(io.BytesIO(u.body)) for u in uploads]
+            assert [t.column("k").to_pylist() for t in tables] == [[i] for i in range(5)]
         await rig.spool.close()
 
     asyncio.run(main())

@@ -52,7 +52,6 @@ log = logging.getLogger("fastingest.delivery")
 IN_PLACE_ATTEMPTS = 3  # tries of one object before the sink counts as failing
 STALL_AFTER = 10.0  # seconds: an attempt that failed this slowly makes the sink failing at once
 SEAL_IN_THREAD_BYTES = 64 * 1024  # smaller bodies compress faster than a thread hop
-HOLD_WAITING = 4  # partitions' batches that wait for a seal thread with their bytes
 
 
 class Delivery:
@@ -82,7 +81,6 @@ class Delivery:
         self.retry_max = retry_max
         self._sealer = sealer
         self._sealing = asyncio.Semaphore(seal_threads)
-        self._holding = 0  # partitions' batches waiting for a seal thread with their bytes
         self.backlog: deque[Upload] = deque()  # waiting for the sink, bytes in the spool
         self.in_flight: dict[int, Upload] = {}  # id -> upload a worker is storing
         self.failing_since: float | None = None  # time.time() of the stall's first failure
@@ -180,26 +178,17 @@ class Delivery:
                 await upload.reload(self.spool)
             upload.seal()
             return
-        # Wait for a seal thread without the bytes, which the spool has; a few partitions'
-        # batches keep theirs, as reading one back scans every chunk its range spans.
-        holding = False
-        if self._sealing.locked() and upload.parts and upload.on_disk(self.spool):
-            if upload.partitioner is not None and self._holding < HOLD_WAITING:
-                holding = True
-                self._holding += 1
-            else:
+        # Wait for a seal thread without the bytes, which the spool has; a partition's
+        # batch keeps them packed, as reading one back splits every chunk its range spans.
+        if self._sealing.locked() and upload.parts:
+            if upload.partitioner is not None:
+                await asyncio.to_thread(upload.pack)
+            elif upload.on_disk(self.spool):
                 upload.unload()
-        try:
-            async with self._sealing:  # at most one unsealed batch per seal thread at work
-                if holding:
-                    holding = False
-                    self._holding -= 1
-                if not upload.parts:
-                    await upload.reload(self.spool)
-                await asyncio.get_running_loop().run_in_executor(self._sealer, upload.seal)
-        finally:
-            if holding:  # cancelled while waiting
-                self._holding -= 1
+        async with self._sealing:  # at most one unsealed batch per seal thread at work
+            if not (upload.parts or upload.packed):
+                await upload.reload(self.spool)
+            await asyncio.get_running_loop().run_in_executor(self._sealer, upload.seal)
 
     def _expired(self, upload: Upload) -> bool:
         return time.time() - upload.first >= self.window
