@@ -13,8 +13,10 @@ the server, warm up, measure for --duration seconds with wrk and
 every payload that landed. Prints req/s, payloads/s, p50/p99, non-2xx, peak
 RSS, landed vs acknowledged, bytes stored per payload, landed/s (what landed over the
 seconds from the load's start until the server exited, having stored everything: the
-rate it keeps up with, where payloads/s is the rate it accepts), and each row's ratio
-to the first row; writes
+rate it keeps up with, where payloads/s is the rate it accepts), CPU µs per payload
+landed (the server's CPU time from listening to exit over what landed: time the host
+steals is not in it, so it moves less from run to run than a rate), and each row's
+ratio to the first row; writes
 JSON and a PNG chart to bench/results/. With --runs K the servers are run in K
 interleaved rounds, every other one in reverse order, and each row shows its median
 round (every round is in the JSON): this host is shared, and one slow minute can halve
@@ -84,6 +86,9 @@ class Result:
     # Landed payloads over the seconds from the load's start to the server's exit (it
     # stores everything before exiting): the rate it keeps up with, not only accepts.
     landed_s: float | None = None
+    # The server's CPU seconds from listening to exit (its workers' included) over what
+    # landed: on a shared host this moves less than a rate does, as stolen time is not in it.
+    cpu_us_per_landed: float | None = None
 
 
 def free_port() -> int:
@@ -203,6 +208,19 @@ def cpu_ticks() -> tuple[int, int] | None:
     return ticks[7], sum(ticks)
 
 
+def group_cpu(pgid: int) -> float:
+    """CPU seconds the live processes of group `pgid` have used so far (0 without /proc)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[2]) == pgid:  # state, ppid, pgrp, ...; utime and stime at 11, 12
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def steal_since(before: tuple[int, int] | None) -> float | None:
     after = cpu_ticks()
     if before is None or after is None or after[1] == before[1]:
@@ -280,6 +298,7 @@ def run_one(
     )
     try:
         wait_port(port)
+        started_cpu = group_cpu(proc.pid)  # its start-up (imports) is not the load's
         pin = "0" if args.mode == "pinned" else None
         warm = wrk(port, server.path, n, args.warmup, args, pin)
         say(f"  {server.name} N={n}: warmed up, measuring {args.duration}s ...")
@@ -290,11 +309,7 @@ def run_one(
     finally:
         started = time.monotonic()
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            rc = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            rc = proc.wait()
+        rc, cpu_s = stop(proc, 60)
         stopped = time.monotonic() - started
     acked = sum((w["requests"] - w["err_status"]) * n for w in (warm, run))
     landed = stored = None
@@ -308,6 +323,7 @@ def run_one(
     ok = run["requests"] - run["err_status"]
     loaded = (warm["duration_us"] + run["duration_us"]) / 1e6
     landed_s = None if landed is None else landed / (loaded + stopped)
+    cpu_us = (cpu_s - started_cpu) / landed * 1e6 if landed else None
     return Result(
         server.name,
         n,
@@ -327,7 +343,25 @@ def run_one(
         steal,
         stored,
         landed_s,
+        cpu_us,
     )
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, float]:
+    """Reap `proc` (SIGKILL to its group past `timeout`): (exit code, CPU seconds it and
+    the children it reaped used), from wait4, which Popen.wait does not give."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pid, status, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.02)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_utime + usage.ru_stime
 
 
 def fastingest(name: str, *extra: str, sink: str = "file") -> Server:
@@ -413,19 +447,22 @@ def table(results: list[Result]) -> str:
     base = results[0]
     rows = [
         "| server | N | req/s | payloads/s | vs first | landed/s | vs first | p50 ms | p99 ms | "
-        "non-2xx | landed / acked | B/payload | RSS MiB | stop | steal % |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|",
+        "non-2xx | landed / acked | B/payload | CPU µs/landed | vs first | RSS MiB | stop | "
+        "steal % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---:|",
     ]
     for r in results:
         landed = "n/a" if r.landed is None else f"{r.landed:,} / {r.acked:,}"
         per = "n/a" if not r.stored_bytes or not r.landed else f"{r.stored_bytes / r.landed:.0f}"
-        kept = "n/a | n/a"
+        kept = cpu = "n/a | n/a"
         if r.landed_s is not None and base.landed_s:
             kept = f"{r.landed_s:,.0f} | {r.landed_s / base.landed_s:.2f}x"
+        if r.cpu_us_per_landed is not None and base.cpu_us_per_landed:
+            cpu = f"{r.cpu_us_per_landed:.2f} | {r.cpu_us_per_landed / base.cpu_us_per_landed:.2f}x"
         rows.append(
             f"| {r.name} | {r.n} | {r.req_s:,.0f} | {r.payloads_s:,.0f} | "
             f"{r.payloads_s / base.payloads_s:.2f}x | {kept} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
-            f"{r.non2xx} | {landed} | {per} | {r.rss_mib:.0f} | rc={r.stop_rc} "
+            f"{r.non2xx} | {landed} | {per} | {cpu} | {r.rss_mib:.0f} | rc={r.stop_rc} "
             f"{r.stop_s:.1f}s | {percent(r.steal_pct)} |"
         )
     return "\n".join(rows)
@@ -483,6 +520,9 @@ def pairs(runs: dict[tuple[str, int], list[Result]], quiet: float) -> list[dict[
         rounds = [{"ratio": ratio, "steal_pct": steal} for ratio, steal in both]
         kept = [a.landed_s / b.landed_s for a, b in zip(mine, theirs, strict=False)
                 if a.landed_s and b.landed_s]  # fmt: skip
+        # CPU per payload landed, theirs over mine: above 1x where they cost more
+        cpu = [b.cpu_us_per_landed / a.cpu_us_per_landed for a, b in zip(mine, theirs, strict=False)
+               if a.cpu_us_per_landed and b.cpu_us_per_landed]  # fmt: skip
         out.append(
             {
                 "n": n,
@@ -493,6 +533,8 @@ def pairs(runs: dict[tuple[str, int], list[Result]], quiet: float) -> list[dict[
                 "quiet_rounds": len(calm),
                 "landed_rounds": kept,
                 "landed_median": statistics.median(kept) if kept else None,
+                "cpu_rounds": cpu,
+                "cpu_median": statistics.median(cpu) if cpu else None,
             }
         )
     return out
@@ -515,6 +557,12 @@ def pairs_text(found: list[dict[str, Any]], first: str, quiet: float) -> str:
             kept = " / ".join(f"{k:.2f}x" for k in p["landed_rounds"])
             lines.append(
                 f"    landed/s (load start to exit): {kept}; median {p['landed_median']:.2f}x"
+            )
+        if p.get("cpu_median") is not None:
+            cpu = " / ".join(f"{c:.2f}x" for c in p["cpu_rounds"])
+            lines.append(
+                f"    CPU per payload landed, {p['over']} over {first}: {cpu}; "
+                f"median {p['cpu_median']:.2f}x"
             )
     return "\n".join(lines)
 
