@@ -48,7 +48,7 @@ GZIP_LEVEL = 6
 # The ingest tier is CPU-bound: zstd -1 compresses JSON several times faster than gzip -6
 # (even zlib-ng's), into objects no larger.
 ZSTD_LEVEL = 1
-# A waiting partition's batch keeps its NDJSON packed: zstd's fast mode, about 0.8 µs a
+# A waiting partition's batch keeps its NDJSON packed: zstd's fast mode, about 0.9 µs a
 # payload both ways, where reading it back splits every chunk its range spans again.
 PACK_LEVEL = -1
 
