@@ -165,23 +165,23 @@ def test_flaky_s3_loses_nothing_and_duplicates_nothing(tmp_path, store):
     bucket = store.bucket()
     proxy = S3Proxy(store.env["AWS_ENDPOINT_URL"], fail_before=0.2, fail_after=0.2)
     proxy.mode = "flaky"
-    server = Server(
-        "--sink",
-        f"s3://{bucket}",
-        "--batch-max-payloads",
-        "200",
-        "--retry-base-delay",
-        "0.02",
-        cwd=tmp_path,
-        env={**store.env, "AWS_ENDPOINT_URL": proxy.url},
-    )
+    args = ("--sink", f"s3://{bucket}", "--batch-max-payloads", "200", "--retry-base-delay", "0.02")
+    env = {**store.env, "AWS_ENDPOINT_URL": proxy.url}
+    server = Server(*args, cwd=tmp_path, env=env)
     acked: list[bytes] = []
     statuses: Counter[int] = Counter()
     asyncio.run(load(server.port, tag="flaky", seconds=2, acked=acked, statuses=statuses))
     assert server.stop() == 0
+    assert "dead-lettered 0" in server.text
+    if "stay in the spool" in server.text:
+        # Three failures in a row made the sink count as failing just as the drain ended,
+        # and a stop does not wait for a failing sink: the next start delivers the rest.
+        proxy.mode = "pass"
+        again = Server(*args, cwd=tmp_path, env=env)
+        assert again.stop() == 0
+        assert "dead-lettered 0" in again.text and "stay in the spool" not in again.text
     proxy.close()
     assert proxy.counts["slowdown"] and proxy.counts["failed_after_store"], proxy.counts
-    assert "dead-lettered 0" in server.text
     got, objects = landed_s3(store.client, bucket)
     assert_exactly_once(got, acked)
     assert sum(o["count"] for o in objects) == len(acked)  # no object holds a repeat
