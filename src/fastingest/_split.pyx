@@ -171,6 +171,19 @@ cdef inline Py_ssize_t _literal(cstr s, Py_ssize_t i, Py_ssize_t n, const char* 
     return -1
 
 
+cdef inline Py_ssize_t _word(cstr s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """The end of the true, false or null at s[i] (i < n); -1 if it is misspelt; 0 if
+    s[i] starts none of them."""
+    cdef unsigned char c = s[i]
+    if c == 0x74:
+        return _literal(s, i, n, "true", 4)
+    if c == 0x66:
+        return _literal(s, i, n, "false", 5)
+    if c == 0x6E:
+        return _literal(s, i, n, "null", 4)
+    return 0
+
+
 cdef struct Names:
     Span spans[MAX_MEMBERS]
     int count
@@ -213,13 +226,8 @@ cdef Py_ssize_t _value(cstr s, Py_ssize_t i, Py_ssize_t n, int depth, bint uniqu
         if c == 0x7B:
             return _object(s, i, n, depth + 1, unique)
         return _array(s, i, n, depth + 1, unique)
-    if c == 0x74:
-        return _literal(s, i, n, "true", 4)
-    if c == 0x66:
-        return _literal(s, i, n, "false", 5)
-    if c == 0x6E:
-        return _literal(s, i, n, "null", 4)
-    return _number(s, i, n)
+    cdef Py_ssize_t end = _word(s, i, n)
+    return end if end else _number(s, i, n)
 
 
 cdef Py_ssize_t _object(cstr s, Py_ssize_t i, Py_ssize_t n, int depth,
@@ -654,12 +662,9 @@ cdef Py_ssize_t _shape(cstr s, Py_ssize_t i, Py_ssize_t n, uint64_t path, int de
                 return i + 1
             else:
                 return -1
-    if c == 0x74:
-        return _literal(s, i, n, "true", 4)
-    if c == 0x66:
-        return _literal(s, i, n, "false", 5)
-    if c == 0x6E:
-        return _literal(s, i, n, "null", 4)
+    end = _word(s, i, n)
+    if end:
+        return end
     end = i
     while end < n and (0x30 <= s[end] <= 0x39 or s[end] == 0x2D or s[end] == 0x2B
                        or s[end] == 0x2E or s[end] == 0x65 or s[end] == 0x45):

@@ -282,10 +282,16 @@ def _value(body: bytes, i: int, depth: int, unique: bool) -> int:
         if c == OBJECT:
             return _object(body, i, depth + 1, unique)
         return _array(body, i, depth + 1, unique)
-    for literal in _LITERALS:
-        if body.startswith(literal, i):
-            return i + len(literal)
-    return _number(body, i)
+    return _word(body, i) or _number(body, i)
+
+
+def _word(body: bytes, i: int) -> int:
+    """The end of the true, false or null at body[i]; 0 if none is there (a number, or
+    nothing valid, is left to the caller)."""
+    for word in _LITERALS:
+        if body.startswith(word, i):
+            return i + len(word)
+    return 0
 
 
 def _object(body: bytes, i: int, depth: int, unique: bool) -> int:
@@ -422,9 +428,8 @@ def _shape(
         if depth >= MAX_DEPTH:
             return -1, 0
         return _shape_container(line, i, path, depth + 1, paths, limit)
-    for word in _LITERALS:
-        if line.startswith(word, i):
-            return i + len(word), 1
+    if end := _word(line, i):
+        return end, 1
     m = _ANY_NUMBER.match(line, i)
     return (m.end() if m else -1), 1
 
