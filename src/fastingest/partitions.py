@@ -189,13 +189,21 @@ class Partitioner:
                 if len(keys) >= _VALUES_KEPT:
                     keys.clear()
                 key = keys[texts] = "".join(
-                    f"{name}={encode_value(None if text is None else _loads(text))}/"
-                    for (name, _), text in zip(self._by_text, texts, strict=True)
+                    known.get(text) or self._segment(k, text)
+                    for k, ((_, known), text) in enumerate(zip(self._by_text, texts, strict=True))
                 )
             if key in parts:
                 return None
             parts[key] = lines
         return parts
+
+    def _segment(self, k: int, text: bytes | None) -> str:
+        """Field k's key segment for its value's JSON text, kept for the next time."""
+        name, known = self._by_text[k]
+        if len(known) >= _VALUES_KEPT:
+            known.clear()
+        segment = known[text] = f"{name}={encode_value(None if text is None else _loads(text))}/"
+        return segment
 
     def _split_values(
         self, chunk: bytes, values: list[bytes | None], received: float
@@ -212,15 +220,9 @@ class Partitioner:
             line = chunk[start:end]
             start = end
             key = ""
-            for k, (name, known) in enumerate(fields):
+            for k, (_, known) in enumerate(fields):
                 text = values[at + k]
-                segment = known.get(text)
-                if segment is None:
-                    if len(known) >= _VALUES_KEPT:
-                        known.clear()
-                    value = None if text is None else _loads(text)
-                    segment = known[text] = f"{name}={encode_value(value)}/"
-                key += segment
+                key += known.get(text) or self._segment(k, text)
             if timed:
                 ts = _event_time_of(values[at + width - 1])
                 if ts is None:
