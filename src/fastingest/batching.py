@@ -333,9 +333,7 @@ class Upload:
         self.parts = chunks
         self.raw_size = sum(map(len, chunks))
         if self.part < 0:
-            # a partition's parts are lines: one payload each
-            lines = self.partitioner is not None
-            self.payloads = len(chunks) if lines else sum(c.count(b"\n") for c in chunks)
+            self.payloads = sum(c.count(b"\n") for c in chunks)
             if times := [found[s][1] for s in present]:
                 self.last = max(times)
 
