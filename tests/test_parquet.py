@@ -110,6 +110,18 @@ def test_an_integer_past_64_bits_is_a_misfit_wherever_it_hides(schema):
         assert rows == 2 and table.column("s").to_pylist() == [{"x": 1e19}, None]
 
 
+def test_an_object_with_no_member_parquet_cannot_store_is_a_misfit():
+    # Parquet has no group without a field: "o" can be stored only where a row gives it one.
+    batch = [*lines({"o": {}, "a": 1}, {"a": 2}, {"l": [{}]}, {"s": {"t": {}}}), b'{"o":{}}\n']
+    body, rows, rejects = ParquetWriter("zstd").convert(b"".join(batch))
+    assert [r[0] for r in rejects] == batch[:1] + batch[2:]
+    assert all("no member" in why for _, why in rejects)
+    assert rows == 1 and read(body).to_pylist() == [{"a": 2}]
+    kept = lines({"o": {}}, {"o": {"x": 1}}, {"o": None})
+    body, rows, rejects = ParquetWriter("zstd").convert(b"".join(kept))
+    assert rejects == [] and read(body).column("o").to_pylist() == [{"x": None}, {"x": 1}, None]
+
+
 def _cells(body: bytes) -> int:
     meta = pq.ParquetFile(io.BytesIO(body)).metadata
     return meta.num_rows * meta.num_columns
@@ -202,6 +214,7 @@ def test_a_reject_line_is_json_with_the_payload_as_sent():
         ('{"fields": [{"name": "a", "type": "int128"}]}', "unknown type 'int128'"),
         ('{"fields": [{"name": "a", "type": "int8"}, {"name": "a", "type": "int8"}]}', "twice"),
         ('{"fields": [{"name": "a", "type": {"list": "nope"}}]}', "$.a[]: unknown type"),
+        ('{"fields": [{"name": "a", "type": {"struct": []}}]}', "$.a: a struct needs a field"),
         ("not json", "--schema"),
     ],
 )

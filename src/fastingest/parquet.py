@@ -45,6 +45,7 @@ _TWO_63 = float(1 << 63)
 MAX_FIELDS = 4_096  # field paths (nested ones and arrays' elements included)
 CELLS_PER_VALUE = 8  # rows x fields per value the batch holds ...
 FREE_CELLS = 1 << 20  # ... plus these
+EMPTY_GROUP = "an object with no member, and none in the batch has one: Parquet cannot store it"
 INSTALL_HINT = "--format parquet needs pyarrow: pip install 'fastingest[parquet]'"
 
 _BEFORE_NUMBER = frozenset(b":,[-")  # what can precede an integer token, blanks aside
@@ -125,6 +126,8 @@ def _type(spec: Any, at: str) -> pa.DataType:
         if "list" in spec:
             return pa.list_(_type(spec["list"], f"{at}[]"))
         if "struct" in spec and isinstance(spec["struct"], list):
+            if not spec["struct"]:
+                raise ValueError(f"{at}: a struct needs a field (Parquet has no empty group)")
             return pa.struct(_fields(spec["struct"], at))
     known = ", ".join([*_SCALARS, "timestamp"])
     raise ValueError(f"{at}: unknown type {spec!r} (one of {known}, {{list}}, {{struct}})")
@@ -216,6 +219,8 @@ class ParquetWriter:
                 table = _read_json(b"".join(block), schema)
                 if not table.num_columns:  # a file with no column keeps no row
                     raise pa.ArrowInvalid("an object with no field: a Parquet row needs one")
+                if not _writable(table.schema):
+                    raise pa.ArrowInvalid(EMPTY_GROUP)
                 tables.append(table)
             except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
                 if len(block) == 1:
@@ -244,6 +249,22 @@ class ParquetWriter:
             allow_truncated_timestamps=False,
         )
         return out.getvalue()
+
+
+def _writable(schema: pa.Schema) -> bool:
+    """Whether Parquet can store every column: it has no group without a field, so an
+    object with no member, where no other row of the batch gives it one, cannot be."""
+    import pyarrow as pa
+
+    def writable(kind: pa.DataType) -> bool:
+        if pa.types.is_struct(kind):
+            fields = [kind.field(i).type for i in range(kind.num_fields)]
+            return bool(fields) and all(map(writable, fields))
+        if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+            return writable(kind.value_type)
+        return True
+
+    return all(writable(f.type) for f in schema)
 
 
 def _unified(schemas: list[pa.Schema]) -> pa.Schema:
