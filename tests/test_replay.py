@@ -4,9 +4,12 @@ first run gave it (in-process: the real pipeline, spool and local sink)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 from collections import Counter
 
-from fastingest.batching import KeyMaker
+from fastingest import pipeline
+from fastingest.batching import KeyMaker, Upload
 from fastingest.config import Settings
 from fastingest.pipeline import Pipeline
 from fastingest.sinks.local import LocalSink
@@ -96,3 +99,33 @@ def test_per_payload_mode_gives_each_payload_the_key_of_its_first_run(tmp_path):
         keys.payload(T0 + 1, 1, 0): b'{"c":3}',
     }
     assert objects(settings) == expected
+
+
+def test_a_bug_in_storing_an_object_is_tried_again_after_a_pause(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "BUG_RETRY_SECONDS", 0.3)
+    settings = Settings(data_dir=tmp_path)
+    chunk = b'{"n":0}\n'
+    left_behind(settings, {0: chunk}, [])
+    calls: list[float] = []
+
+    class Buggy(LocalSink):
+        async def put(self, upload: Upload) -> bool:
+            calls.append(time.monotonic())
+            if len(calls) <= 2:
+                raise RuntimeError("a bug, not a store's error")
+            return await super().put(upload)
+
+    async def run() -> None:
+        sink = Buggy(settings.data_dir / "objects")
+        await sink.start()
+        running = Pipeline(settings, sink)
+        await running.start()
+        deadline = time.monotonic() + 10
+        while len(calls) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await running.stop(30)
+
+    asyncio.run(run())
+    assert len(calls) == 3  # not a loop as fast as the worker can fail
+    assert all(later - earlier >= 0.3 for earlier, later in itertools.pairwise(calls))
+    assert list(objects(settings).values()) == [chunk]

@@ -48,6 +48,9 @@ log = logging.getLogger("fastingest.pipeline")
 SEAL_NICE = 4
 JOBS_WAITING = 4  # closed batches queued for the upload workers
 DRAIN_POLL = 0.05  # seconds between looks at the delivery while a stop drains it
+# Before an object whose store hit a bug is tried again: a bug that fails every time then
+# costs a log line per pause, not a core. A stop meanwhile leaves it in the spool.
+BUG_RETRY_SECONDS = 5.0
 
 
 def _lower_priority() -> None:
@@ -152,8 +155,8 @@ class Pipeline:
 
     def _unexpected(self, upload: Upload, exc: BaseException) -> None:
         # Delivery.store handles its own errors; this is the pool's safety net for a bug in
-        # it: the object waits in the backlog (its bytes in the spool) and is tried again.
-        self.delivery.park(upload)
+        # it: the object waits (its bytes in the spool), then joins the backlog again.
+        asyncio.get_running_loop().call_later(BUG_RETRY_SECONDS, self.delivery.park, upload)
 
     # --- metrics ----------------------------------------------------------------
 
