@@ -122,6 +122,14 @@ def test_an_object_with_no_member_parquet_cannot_store_is_a_misfit():
     assert rejects == [] and read(body).column("o").to_pylist() == [{"x": None}, {"x": 1}, None]
 
 
+def test_a_list_that_starts_with_a_null_keeps_every_element():
+    # pyarrow's inference mislays such a null; the batch would not convert at all.
+    batch = lines({"at": "2026-12-06T10:00:00", "tags": [None, "a"]}, {"tags": ["b", None]})
+    body, rows, rejects = ParquetWriter("zstd").convert(b"".join(batch))
+    assert rejects == [] and rows == 2
+    assert read(body).column("tags").to_pylist() == [[None, "a"], ["b", None]]
+
+
 def _cells(body: bytes) -> int:
     meta = pq.ParquetFile(io.BytesIO(body)).metadata
     return meta.num_rows * meta.num_columns

@@ -282,9 +282,10 @@ def _unified(schemas: list[pa.Schema]) -> pa.Schema:
 
 
 def _read_json(data: bytes, schema: pa.Schema | None) -> pa.Table:
+    import pyarrow as pa
     import pyarrow.json as pj
 
-    return pj.read_json(
+    table = pj.read_json(
         io.BytesIO(data),
         read_options=pj.ReadOptions(use_threads=False, block_size=len(data) + 1),
         parse_options=pj.ParseOptions(
@@ -293,6 +294,15 @@ def _read_json(data: bytes, schema: pa.Schema | None) -> pa.Table:
             newlines_in_values=False,
         ),
     )
+    try:
+        table.validate(full=True)
+    except pa.ArrowInvalid:
+        if schema is not None:
+            raise
+        # Inference can mislay a list's leading nulls (apache/arrow#51305): the offsets
+        # count them, the values lack them. Read against the inferred types, it cannot.
+        return _read_json(data, table.schema)
+    return table
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
