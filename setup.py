@@ -1,7 +1,8 @@
 """Declares the compiled cores; everything else lives in pyproject.toml.
 
 FASTINGEST_NO_EXTENSIONS=1 at build time skips the compiler and ships only the
-pure-Python twins (``fastingest._queue_py``, ``fastingest._split_py``) and runs
+pure-Python twins (``fastingest._queue_py``, ``fastingest._split_py``,
+``fastingest._columns_py``) and runs
 ``fastingest/_lean.py`` as Python.
 """
 
@@ -24,6 +25,11 @@ if os.environ.get("FASTINGEST_NO_EXTENSIONS", "") in ("", "0"):
             Extension(
                 "fastingest._split",
                 ["src/fastingest/_split.pyx"],
+                extra_compile_args=["-O2"],
+            ),
+            Extension(
+                "fastingest._columns",
+                ["src/fastingest/_columns.pyx"],
                 extra_compile_args=["-O2"],
             ),
             # Plain Python typed by _lean.pxd: the file also runs uncompiled.

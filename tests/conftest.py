@@ -19,10 +19,11 @@ import support
 from fastingest import _queue_py
 
 try:
+    from fastingest import _columns as _columns_c
     from fastingest import _queue as _queue_c
     from fastingest import _split as _split_c
 except ImportError:  # pragma: no cover - only without a compiler
-    _queue_c = _split_c = None  # type: ignore[assignment]
+    _queue_c = _split_c = _columns_c = None  # type: ignore[assignment]
 
 IMPLS = [pytest.param(_queue_py.RingQueue, id="py")]
 if _queue_c is not None:
@@ -43,7 +44,8 @@ def pytest_configure(config: pytest.Config) -> None:
         _queue_c is None or not lean.COMPILED
     ):
         raise pytest.UsageError(
-            "FASTINGEST_REQUIRE_EXTENSIONS=1 but fastingest._queue, _split or _lean is not built"
+            "FASTINGEST_REQUIRE_EXTENSIONS=1 but fastingest._queue, _split, _columns or _lean "
+            "is not built"
         )
 
 

@@ -25,23 +25,25 @@ def test_selector_uses_the_compiled_core_when_built():
         import fastingest._queue as compiled
     except ImportError:
         pytest.skip("extension not built (pure-Python install)")
+    from fastingest import _columns as columns_c
     from fastingest import _lean as lean_c
     from fastingest import _split as split_c
-    from fastingest import lean, split
+    from fastingest import columns, lean, split
 
     assert fastingest.USE_EXTENSIONS
     assert fastingest.RingQueue is compiled.RingQueue
     assert split.split_payloads is split_c.split_payloads
+    assert columns.read is columns_c.read
     assert lean.COMPILED and lean.LeanFront is lean_c.LeanFront
-    for module in (compiled, split_c, lean_c):
+    for module in (compiled, split_c, columns_c, lean_c):
         assert module.__file__.endswith((".so", ".pyd"))
 
 
 def test_no_extensions_env_selects_the_twins():
     code = (
-        "import fastingest, fastingest.split as s, fastingest.lean as p; "
+        "import fastingest, fastingest.split as s, fastingest.lean as p, fastingest.columns as c; "
         "print(fastingest.RingQueue.__module__, s.split_payloads.__module__, "
-        "p.LeanFront.__module__, p.COMPILED, fastingest.USE_EXTENSIONS)"
+        "p.LeanFront.__module__, p.COMPILED, fastingest.USE_EXTENSIONS, c.read)"
     )
     env = {**os.environ, "FASTINGEST_NO_EXTENSIONS": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -51,6 +53,7 @@ def test_no_extensions_env_selects_the_twins():
         "fastingest._lean_py",  # _lean.py run as Python, though a build is installed
         "False",
         "False",
+        "None",  # pyarrow's JSON reader reads every Parquet batch: the twin would be slower
     ]
     assert out.stdout.split() == twins, out.stderr
 
@@ -71,6 +74,7 @@ def test_wheel_installs_into_a_fresh_venv_with_the_compiled_module(tmp_path):
             "*.so",
             "_queue.c",
             "_split.c",
+            "_columns.c",
             "_lean.c",
             "__pycache__",
             ".hypothesis",
@@ -98,7 +102,7 @@ def test_wheel_installs_into_a_fresh_venv_with_the_compiled_module(tmp_path):
     )
     (wheel,) = dist.glob("fastingest-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for core in ("_queue", "_split"):
+    for core in ("_queue", "_split", "_columns"):
         assert any(n.startswith(f"fastingest/{core}.") and n.endswith(".so") for n in names), names
         assert f"fastingest/{core}.pyi" in names
     # _lean is compiled from Python source, which ships too: the no-extensions switch runs it.

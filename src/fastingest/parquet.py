@@ -1,19 +1,22 @@
 """NDJSON batches -> Parquet objects (``--format parquet``), and the payloads that do not fit.
 
-A closed batch's NDJSON is read by pyarrow's JSON reader in one block, so the
-schema is inferred from the whole batch (or fixed by ``--schema``), and written as
-one Parquet file: zstd (or snappy, gzip, none) pages, no compression around the
-file, timestamps in microseconds, row groups of at most ``ROW_GROUP_ROWS``.
-It runs in the seal threads, never on the event loop; pyarrow drops the GIL.
+A closed batch's NDJSON is read in one block, so the schema is inferred from the
+whole batch (or fixed by ``--schema``), and written as one Parquet file: zstd (or
+snappy, gzip, none) pages, no compression around the file, timestamps in
+microseconds, row groups of at most ``ROW_GROUP_ROWS``. Without a schema, the
+compiled reader (``columns``) reads it where it gives what pyarrow's JSON reader
+would, as nearly every batch; pyarrow's reader reads the rest. It runs in the seal
+threads, never on the event loop; both readers drop the GIL.
 
 A payload that does not fit (not an object, a type other than the schema's or the
 rest of the batch's, a field the schema lacks, an integer past 64 bits) is never
 dropped: it goes, with the reason, to an NDJSON object under ``REJECTS_PREFIX``.
 The misfits are found by halving a failing block until each misfit stands alone,
 so a batch with k of them costs about k * log2(n) extra reads, and none when
-every payload fits. Without a schema, a batch is first measured by the splitter's
-scan (``split.shape``): one too sparse to read whole (ever new field names) keeps
-only the payloads that leave its table dense, and the others are misfits too.
+every payload fits. Without a schema, a batch is first measured (by the compiled
+reader, or the splitter's ``split.shape`` where that reader leaves the batch to
+pyarrow's): one too sparse to read whole (ever new field names) keeps only the
+payloads that leave its table dense, and the others are misfits too.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from fastingest.bodies import DIGITS_AS_ZERO, LONG_DIGIT_RUN
+from fastingest.columns import read_table
 from fastingest.split import shape
 
 if TYPE_CHECKING:
@@ -45,6 +49,7 @@ _TWO_63 = float(1 << 63)
 MAX_FIELDS = 4_096  # field paths (nested ones and arrays' elements included)
 CELLS_PER_VALUE = 8  # rows x fields per value the batch holds ...
 FREE_CELLS = 1 << 20  # ... plus these
+_TABLE_BOUNDS = (MAX_FIELDS, CELLS_PER_VALUE, FREE_CELLS)
 EMPTY_GROUP = "an object with no member, and none in the batch has one: Parquet cannot store it"
 INSTALL_HINT = "--format parquet needs pyarrow: pip install 'fastingest[parquet]'"
 
@@ -161,13 +166,25 @@ class ParquetWriter:
 
         lines: list[bytes] = []
         sparse: list[tuple[bytes, str]] = []
-        if self.schema is None and not _dense(shape(data, MAX_FIELDS)):
-            lines = [ln + b"\n" for ln in data.split(b"\n")[:-1]]
-            sparse = _too_sparse(lines)
+        table = None
+        if self.schema is None:
+            read = read_table(data, *_TABLE_BOUNDS)
+            measured = read[0] if read is not None else shape(data, MAX_FIELDS)
+            if not _dense(measured):
+                lines = [ln + b"\n" for ln in data.split(b"\n")[:-1]]
+                sparse = _too_sparse(lines)
+            elif read is not None:
+                table = read[1]
         if not sparse:
             try:
-                table = _read_json(data, self.schema)
-                if table.num_columns and not self._unsigned and _no_long_integers(table):
+                if table is None:
+                    table = _read_json(data, self.schema)
+                if (
+                    table.num_columns
+                    and _writable(table.schema)
+                    and not self._unsigned
+                    and _no_long_integers(table)
+                ):
                     return self._write([table], self.schema), table.num_rows, []
             except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
                 pass
@@ -209,14 +226,16 @@ class ParquetWriter:
         rejects: list[tuple[bytes, str]],
     ) -> None:
         """Read `lines` as a table into `tables`; a failing block is halved until each line
-        that does not fit stands alone (into `rejects`, with pyarrow's reason)."""
+        that does not fit stands alone (into `rejects`, with the reader's reason)."""
         import pyarrow as pa
 
         stack = [lines]
         while stack:
             block = stack.pop()
             try:
-                table = _read_json(b"".join(block), schema)
+                data = b"".join(block)
+                read = None if schema is not None else read_table(data, *_TABLE_BOUNDS)
+                table = read[1] if read is not None else _read_json(data, schema)
                 if not table.num_columns:  # a file with no column keeps no row
                     raise pa.ArrowInvalid("an object with no field: a Parquet row needs one")
                 if not _writable(table.schema):
