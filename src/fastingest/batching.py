@@ -333,7 +333,8 @@ class Upload:
         self.parts = chunks
         self.raw_size = sum(map(len, chunks))
         if self.part < 0:
-            self.payloads = sum(c.count(b"\n") for c in chunks)
+            if missing or self.excluded:  # fewer payloads than it was made with
+                self.payloads = sum(c.count(b"\n") for c in chunks)
             if times := [found[s][1] for s in present]:
                 self.last = max(times)
 
