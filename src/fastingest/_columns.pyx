@@ -29,6 +29,7 @@ cdef enum:
     K_LIST = 6
     MAX_DEPTH = 128  # as the splitter allows
     MAX_OFFSET = 0x7FFFFFFF  # Arrow's string and list offsets are int32
+    SHORT_NAME = 24  # bytes of a name kept in its node (a multiple of 8: see _named)
 
 ctypedef const unsigned char* cstr
 
@@ -41,8 +42,9 @@ cdef struct Buf:
 
 cdef struct Node:
     int kind
-    char* name  # UTF-8, decoded
+    char* name  # UTF-8, decoded: `text` for a short one
     Py_ssize_t name_len
+    char text[SHORT_NAME]  # beside the length, so a lookup reads one cache line
     Py_ssize_t length  # slots
     Py_ssize_t nulls
     Buf valid  # a byte per slot
@@ -126,7 +128,8 @@ cdef void _free(Node* node) noexcept nogil:
     for k in range(node.n_children):
         _free(node.children[k])
     free(node.children)
-    free(node.name)
+    if node.name != node.text:
+        free(node.name)
     free(node.valid.data)
     free(node.values.data)
     free(node.offsets.data)
@@ -148,11 +151,14 @@ cdef Node* _child(Node* parent, const char* name, Py_ssize_t name_len) noexcept 
     node = <Node*>calloc(1, sizeof(Node))
     if node == NULL:
         return NULL
-    if name_len:
-        node.name = <char*>calloc(name_len, 1)
+    if name_len <= SHORT_NAME:
+        node.name = node.text
+    else:
+        node.name = <char*>calloc(name_len + 8, 1)  # padded: _named reads 8 bytes at a time
         if node.name == NULL:
             free(node)
             return NULL
+    if name_len:
         memcpy(node.name, name, name_len)
     node.name_len = name_len
     parent.children[parent.n_children] = node
@@ -443,6 +449,46 @@ cdef inline bint _same(const char* a, const char* b, Py_ssize_t size) noexcept n
     return True
 
 
+# _MASKS[k]: k bytes of 0xFF, then zeros: the first k bytes of a word, either byte order.
+cdef unsigned char _MASKS[9][8]
+
+
+cdef void _fill_masks() noexcept:
+    cdef int k, b
+    for k in range(9):
+        for b in range(8):
+            _MASKS[k][b] = 0xFF if b < k else 0
+
+
+_fill_masks()
+
+
+cdef inline bint _named(Node* node, const char* name, Py_ssize_t size,
+                        bint padded) noexcept nogil:
+    """Whether `node` is named `name`: 8 bytes at a time where `name`, like a node's own
+    name, may be read up to 8 bytes past its end."""
+    cdef uint64_t x, y, mask
+    cdef const char* own = node.name
+    if node.name_len != size:
+        return False
+    if not padded:
+        return _same(own, name, size)
+    while size > 8:
+        memcpy(&x, own, 8)
+        memcpy(&y, name, 8)
+        if x != y:
+            return False
+        own += 8
+        name += 8
+        size -= 8
+    if size == 0:
+        return True
+    memcpy(&x, own, 8)
+    memcpy(&y, name, 8)
+    memcpy(&mask, _MASKS[size], 8)
+    return (x ^ y) & mask == 0
+
+
 cdef inline bint _word(cstr s, Py_ssize_t i, Py_ssize_t n, const char* word,
                        Py_ssize_t size) noexcept nogil:
     return i + size <= n and _same(<const char*>(s + i), word, size)
@@ -455,27 +501,31 @@ cdef Py_ssize_t _member(Reader* r, Py_ssize_t i, Node* node, Py_ssize_t row,
     cdef Py_ssize_t end, size, k
     cdef const char* name
     cdef Node* child = NULL
+    cdef bint padded
     end = i + 1
     while end < r.n and _PLAIN[s[end]]:
         end += 1
     if end < r.n and s[end] == 0x22:  # printable ASCII: compared as it stands
         name = <const char*>(s + i + 1)
         size = end - i - 1
+        # Read in words up to s[i + size rounded up to 8]: at most the byte past the
+        # line's newline (the next line, or the NUL that ends every bytes object).
+        padded = i + ((size + 7) & ~7) <= r.n + 1
         end += 1
     else:  # escapes, or UTF-8 to check
         r.scratch.len = 0
         end = _decode(s, i, r.n, &r.scratch)
-        if end < 0:
+        if end < 0 or _reserve(&r.scratch, 8) < 0:
             return -1
         name = r.scratch.data
         size = r.scratch.len
+        padded = True
     k = node.cursor  # members mostly come in the order of the last object's
-    if k < node.n_children and node.children[k].name_len == size and _same(
-            node.children[k].name, name, size):
+    if k < node.n_children and _named(node.children[k], name, size, padded):
         child = node.children[k]
     else:
         for k in range(node.n_children):
-            if node.children[k].name_len == size and _same(node.children[k].name, name, size):
+            if _named(node.children[k], name, size, padded):
                 child = node.children[k]
                 break
     if child == NULL:  # a new field: null in every slot before this one
@@ -503,7 +553,7 @@ cdef Py_ssize_t _member(Reader* r, Py_ssize_t i, Node* node, Py_ssize_t row,
 cdef Py_ssize_t _value(Reader* r, Py_ssize_t i, Node* node, int depth) noexcept nogil:
     """Append the value at s[i] to `node`; the end of it, or -1: the batch is not read."""
     cdef cstr s = r.s
-    cdef Py_ssize_t n = r.n, row, start, k
+    cdef Py_ssize_t n = r.n, row, start, opened, k
     cdef unsigned char c
     cdef Node* element
     if i >= n or depth > MAX_DEPTH:
@@ -513,8 +563,15 @@ cdef Py_ssize_t _value(Reader* r, Py_ssize_t i, Node* node, int depth) noexcept 
         if _become(node, K_STRING) < 0:
             return -1
         start = node.values.len
+        if _dated(<const char*>(s + i + 1), n - i - 1):
+            return -1
+        opened = i
         i = _decode(s, i, n, &node.values)
-        if i < 0 or _dated(node.values.data + start, node.values.len - start):
+        if i < 0:
+            return -1
+        # Decoded as it was sent, it was checked above; only an escape may spell a date.
+        if i - opened - 2 != node.values.len - start and _dated(
+                node.values.data + start, node.values.len - start):
             return -1
         if _offset(&node.offsets, node.values.len) < 0 or _valid(r, node) < 0:
             return -1
