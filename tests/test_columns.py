@@ -95,6 +95,11 @@ def _batch(*lines: str) -> bytes:
         [' { "a" : [ 1 , 2 ] , "b" : "x" } ', '\t{"b":"y","a":[]}\r'],
         ['{"l":[null,0]}'],  # pyarrow's inference mislays the leading null: see _read
         ['{"t":"12:00:00","u":"2024","v":"20245-"}'],  # not a date's start
+        # Names alike in their first 8 bytes, or longer than a node keeps beside it.
+        ['{"abcdefghij":1,"abcdefghik":2}', '{"abcdefghik":3,"abcdefghij":4,"abcdefgh":5}'],
+        ['{"' + "n" * 30 + '":1}', '{"' + "n" * 31 + '":2,"' + "n" * 30 + '":3}'],
+        ['{"a":{"bcdefghijklmnopq":1}}'],  # a name that ends near its line's end
+        ['{"d":"\u0032024"}', '{"d":"2\u00302"}'],  # escaped digits, no date
     ],
 )
 def test_a_batch_reads_as_pyarrow_reads_it(lines):
@@ -109,6 +114,7 @@ def test_a_batch_reads_as_pyarrow_reads_it(lines):
         ['{"a":{"x":1}}', '{"a":[1]}'],
         ['{"a":"2024-01-01"}'],  # pyarrow makes it a timestamp
         ['{"a":"x"}', '{"a":"2024-01-01T00:00:00Z"}'],
+        ['{"a":"\u0032024-01-01"}'],  # a date spelt with an escape
         ['{"a":1,"a":2}'],
         ['{"a":{"b":1,"\\u0062":2}}'],  # one name, spelt two ways
         ['{"a":9223372036854775808}'],
@@ -145,7 +151,9 @@ def test_past_the_field_limit_or_too_many_null_slots_it_stops():
     assert _read(nested) is not None
 
 
-KEYS = st.sampled_from(["a", "b", "c", "é", "a b", "\u2603"])
+KEYS = st.sampled_from(
+    ["a", "b", "c", "é", "a b", "\u2603", "abcdefghi", "abcdefghj", "k" * 24, "k" * 25]
+)
 SCALARS = (
     st.none()
     | st.booleans()
