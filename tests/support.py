@@ -21,6 +21,9 @@ from typing import Any
 import zstandard
 
 LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)/ingest")
+# Every server started, so that one a failing test never stopped is killed after it
+# (conftest's no_server_left_running): left running, it would take CPU from the rest.
+STARTED: list[Server] = []
 # How each front end runs: "lean-py" is the lean front end as Python source, no extensions.
 FRONT_ENV = {
     "lean": {"FASTINGEST_HTTP": "lean"},
@@ -54,6 +57,7 @@ class Server:
             text=True,
             preexec_fn=preexec_fn,
         )
+        STARTED.append(self)
         self.log: list[str] = []
         self.port = 0
         ready = threading.Event()

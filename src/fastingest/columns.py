@@ -2,9 +2,9 @@
 (``_columns.pyx``), where that gives what pyarrow's JSON reader would give; None sends
 the batch to pyarrow's reader.
 
-pyarrow's reader parses each value twice (into text, then into its type) and costs
-about three times the rest of a batch's conversion; this reader builds the columns'
-buffers as it parses, and the arrays are made from them without a copy. Its twin,
+pyarrow's reader parses each value twice (into text, then into its type), and took
+three fifths of a batch's conversion; this reader builds the columns' buffers as it
+parses, and the arrays are made from them without a copy. Its twin,
 ``_columns_py.py``, is the specification the tests hold it to; as Python it is many
 times slower than pyarrow's reader, so without the compiled core (see ``compat``)
 pyarrow's reader reads every batch.
@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from fastingest._columns_py import BOOL, DOUBLE, INT, LIST, NULL, STRING
 from fastingest.compat import USE_EXTENSIONS
 
 if TYPE_CHECKING:
@@ -27,9 +28,6 @@ if TYPE_CHECKING:
 read: Callable[[bytes, int, int, int], Found | None] | None = None
 if USE_EXTENSIONS:
     from fastingest._columns import read
-
-# The kinds a column has in what read() returns, by number.
-NULL, BOOL, INT, DOUBLE, STRING, STRUCT, LIST = range(7)
 
 
 def read_table(
