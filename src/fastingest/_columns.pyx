@@ -19,6 +19,8 @@ from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport calloc, free, realloc, strtod
 from libc.string cimport memchr, memcpy, memset
 
+from fastingest._scan cimport _hex4, _utf8, _ws, cstr
+
 cdef enum:
     K_NULL = 0  # no value but null seen yet
     K_BOOL = 1
@@ -30,8 +32,6 @@ cdef enum:
     MAX_DEPTH = 128  # as the splitter allows
     MAX_OFFSET = 0x7FFFFFFF  # Arrow's string and list offsets are int32
     SHORT_NAME = 24  # bytes of a name kept in its node (a multiple of 8: see _named)
-
-ctypedef const unsigned char* cstr
 
 
 cdef struct Buf:
@@ -233,26 +233,6 @@ cdef inline int _valid(Reader* r, Node* node) noexcept nogil:
 
 # --- the walk -------------------------------------------------------------------------
 
-cdef inline Py_ssize_t _ws(cstr s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    while i < n and (s[i] == 0x20 or s[i] == 0x0A or s[i] == 0x0D or s[i] == 0x09):
-        i += 1
-    return i
-
-
-cdef inline int _hex(unsigned char c) noexcept nogil:
-    if 0x30 <= c <= 0x39:
-        return c - 0x30
-    if 0x41 <= c <= 0x46:
-        return c - 0x41 + 10
-    if 0x61 <= c <= 0x66:
-        return c - 0x61 + 10
-    return -1
-
-
-cdef inline bint _cont(cstr s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    return i < n and 0x80 <= s[i] <= 0xBF
-
-
 # 1 for a byte a string holds as it is: printable ASCII but the quote and the backslash.
 cdef unsigned char _PLAIN[256]
 
@@ -294,24 +274,12 @@ cdef Py_ssize_t _decode(cstr s, Py_ssize_t i, Py_ssize_t n, Buf* out) noexcept n
                 return -1
             c = s[i + 1]
             if c == 0x75:  # \uXXXX
-                if i + 6 > n:
-                    return -1
-                v = 0
-                for k in range(2, 6):
-                    h = _hex(s[i + k])
-                    if h < 0:
-                        return -1
-                    v = v * 16 + h
-                if 0xDC00 <= v <= 0xDFFF:
-                    return -1  # a low surrogate alone
+                v = _hex4(s, i + 2, n)
+                if v < 0 or 0xDC00 <= v <= 0xDFFF:
+                    return -1  # not hex, or a low surrogate alone
                 if 0xD800 <= v <= 0xDBFF:  # a pair, as one code point
-                    if i + 12 > n or s[i + 6] != 0x5C or s[i + 7] != 0x75:
-                        return -1
-                    h = 0
-                    for k in range(8, 12):
-                        if _hex(s[i + k]) < 0:
-                            return -1
-                        h = h * 16 + _hex(s[i + k])
+                    h = _hex4(s, i + 8, n) if i + 7 < n and s[i + 6] == 0x5C and s[
+                        i + 7] == 0x75 else -1
                     if not 0xDC00 <= h <= 0xDFFF:
                         return -1
                     v = 0x10000 + ((v - 0xD800) << 10) + (h - 0xDC00)
@@ -357,25 +325,7 @@ cdef Py_ssize_t _decode(cstr s, Py_ssize_t i, Py_ssize_t n, Buf* out) noexcept n
             continue
         if c < 0x80:  # a control character
             return -1
-        # UTF-8, well-formed as Unicode's table 3-7 has it: no overlongs, no surrogates.
-        if 0xC2 <= c <= 0xDF:
-            k = 2 if _cont(s, i + 1, n) else 0
-        elif 0xE0 <= c <= 0xEF:
-            k = 3 if (
-                i + 1 < n
-                and not (c == 0xE0 and not 0xA0 <= s[i + 1] <= 0xBF)
-                and not (c == 0xED and not 0x80 <= s[i + 1] <= 0x9F)
-                and _cont(s, i + 1, n) and _cont(s, i + 2, n)
-            ) else 0
-        elif 0xF0 <= c <= 0xF4:
-            k = 4 if (
-                i + 1 < n
-                and not (c == 0xF0 and not 0x90 <= s[i + 1] <= 0xBF)
-                and not (c == 0xF4 and not 0x80 <= s[i + 1] <= 0x8F)
-                and _cont(s, i + 1, n) and _cont(s, i + 2, n) and _cont(s, i + 3, n)
-            ) else 0
-        else:
-            k = 0
+        k = _utf8(s, i, n)  # UTF-8, well-formed
         if k == 0 or _put(out, s + i, k) < 0:
             return -1
         i += k

@@ -18,38 +18,19 @@ from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from libc.string cimport memchr, memcmp, memcpy
 
+from fastingest._scan cimport _hex4, _utf8, _ws, cstr
+
 cdef enum:
     MAX_DEPTH = 128  # containers inside containers (orjson allows 1024)
     MAX_NUMBER = 100  # characters in a number; a longer one may be infinite as a double
     MAX_MEMBERS = 64  # in an object whose names are checked: their spans live on the stack
     MAX_FIELDS = 16  # names field_values looks for
 
-ctypedef const unsigned char* cstr
 
 
 cdef struct Span:
     Py_ssize_t start
     Py_ssize_t end
-
-
-cdef inline Py_ssize_t _ws(cstr s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    while i < n and (s[i] == 0x20 or s[i] == 0x0A or s[i] == 0x0D or s[i] == 0x09):
-        i += 1
-    return i
-
-
-cdef inline int _hex(unsigned char c) noexcept nogil:
-    if 0x30 <= c <= 0x39:
-        return c - 0x30
-    if 0x41 <= c <= 0x46:
-        return c - 0x41 + 10
-    if 0x61 <= c <= 0x66:
-        return c - 0x61 + 10
-    return -1
-
-
-cdef inline bint _cont(cstr s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
-    return i < n and 0x80 <= s[i] <= 0xBF
 
 
 # 1 for a byte a string holds as it is: printable ASCII but the quote and the backslash.
@@ -70,7 +51,7 @@ _fill_plain()
 cdef Py_ssize_t _string(cstr s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
     """The end of the string at s[i] (past its closing quote); -1 for None."""
     cdef unsigned char c
-    cdef int k, h, v
+    cdef int k, v
     i += 1
     while i < n:
         while i + 4 <= n and _PLAIN[s[i]] & _PLAIN[s[i + 1]] & _PLAIN[s[i + 2]] & _PLAIN[s[i + 3]]:
@@ -87,16 +68,9 @@ cdef Py_ssize_t _string(cstr s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
                 return -1
             c = s[i + 1]
             if c == 0x75:  # u
-                if i + 6 > n:
-                    return -1
-                v = 0
-                for k in range(2, 6):
-                    h = _hex(s[i + k])
-                    if h < 0:
-                        return -1
-                    v = v * 16 + h
-                if 0xD800 <= v <= 0xDFFF:
-                    return -1  # a surrogate: orjson may refuse it
+                v = _hex4(s, i + 2, n)
+                if v < 0 or 0xD800 <= v <= 0xDFFF:
+                    return -1  # not hex, or a surrogate: orjson may refuse it
                 i += 6
             elif (c == 0x22 or c == 0x5C or c == 0x2F or c == 0x62 or c == 0x66
                   or c == 0x6E or c == 0x72 or c == 0x74):
@@ -105,33 +79,11 @@ cdef Py_ssize_t _string(cstr s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
                 return -1
         elif c < 0x80:  # a control character (the rest of ASCII is plain)
             return -1
-        # UTF-8, well-formed as Unicode's table 3-7 has it: no overlongs, no surrogates.
-        elif 0xC2 <= c <= 0xDF:
-            if not _cont(s, i + 1, n):
+        else:  # UTF-8, well-formed
+            k = _utf8(s, i, n)
+            if k == 0:
                 return -1
-            i += 2
-        elif 0xE0 <= c <= 0xEF:
-            if i + 1 >= n:
-                return -1
-            if c == 0xE0 and not 0xA0 <= s[i + 1] <= 0xBF:
-                return -1
-            if c == 0xED and not 0x80 <= s[i + 1] <= 0x9F:
-                return -1
-            if not (_cont(s, i + 1, n) and _cont(s, i + 2, n)):
-                return -1
-            i += 3
-        elif 0xF0 <= c <= 0xF4:
-            if i + 1 >= n:
-                return -1
-            if c == 0xF0 and not 0x90 <= s[i + 1] <= 0xBF:
-                return -1
-            if c == 0xF4 and not 0x80 <= s[i + 1] <= 0x8F:
-                return -1
-            if not (_cont(s, i + 1, n) and _cont(s, i + 2, n) and _cont(s, i + 3, n)):
-                return -1
-            i += 4
-        else:
-            return -1
+            i += k
     return -1
 
 
