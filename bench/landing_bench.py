@@ -11,7 +11,9 @@ sealed by the service's own code (``Upload.seal``: the zstd NDJSON encoder, or t
 Parquet writer with inferred schema), under ``dt=/hour=`` keys. Then reports, for
 each format, bytes stored per payload, the seal CPU per payload, and DuckDB's time
 for a count and for a group-by over the whole tree, run alternately (ABAB) --reps
-times each; the ratios are NDJSON's time over Parquet's.
+times each; the ratios are NDJSON's time over Parquet's. Each batch is also converted
+to Parquet with pyarrow's JSON reader in place of the compiled one (``columns``), and
+read alone by each, in turns (the objects must be the same bytes).
 """
 
 from __future__ import annotations
@@ -22,16 +24,20 @@ import statistics
 import string
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import duckdb
 import orjson
 
 from bench import parse_args, write_results
+from fastingest import columns, parquet
 from fastingest.batching import KeyMaker, Upload, extension
 from fastingest.config import Settings
 from fastingest.parquet import ParquetWriter
+from fastingest.split import shape
 
 TYPES = ["page_view", "click", "purchase", "signup", "scroll", "error"]
 OSES = ["linux", "ios", "android", "windows", "macos"]
@@ -121,6 +127,40 @@ def build(root: Path, lines: list[bytes], spans: list[range], fmt: str) -> dict[
     return {"bytes_per_payload": stored / len(lines), "seal_us_per_payload": cpu / len(lines) * 1e6}
 
 
+def readers(lines: list[bytes], spans: list[range]) -> dict[str, float]:
+    """CPU per payload of converting each batch to Parquet with the compiled reader and
+    with pyarrow's JSON reader in its place (the same bytes either way), and of reading
+    it alone with each (pyarrow's with the ``split.shape`` scan it needs beside it);
+    batch by batch, in turns, so that neither meets a warmer process."""
+    bounds = (parquet.MAX_FIELDS, parquet.CELLS_PER_VALUE, parquet.FREE_CELLS)
+    writer = ParquetWriter("zstd")
+
+    def by_pyarrow(data: bytes) -> bytes:
+        with mock.patch.object(parquet, "read_table", lambda *_: None):
+            return writer.convert(data)[0]
+
+    ways: dict[str, Callable[[bytes], object]] = {
+        "convert_us": lambda data: writer.convert(data)[0],
+        "convert_by_pyarrow_us": by_pyarrow,
+        "compiled_read_us": lambda data: columns.read_table(data, *bounds),
+        "pyarrow_read_us": lambda data: parquet._read_json(data, None),
+        "shape_us": lambda data: shape(data, parquet.MAX_FIELDS),
+    }
+    cpu = dict.fromkeys(ways, 0.0)
+    for k, span in enumerate(spans):
+        data = b"".join(lines[span.start : span.stop])
+        bodies = set()
+        for name in list(ways)[:: 1 if k % 2 else -1]:
+            started = time.process_time()
+            found = ways[name](data)
+            cpu[name] += time.process_time() - started
+            assert found is not None
+            if name.startswith("convert"):
+                bodies.add(found)
+        assert len(bodies) == 1, "the two readers made different objects"
+    return {k: v / len(lines) * 1e6 for k, v in cpu.items()}
+
+
 def source(root: Path, fmt: str) -> str:
     if fmt == "parquet":
         return f"read_parquet('{root}/**/*.parquet', hive_partitioning = true)"
@@ -164,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows = con.sql(sql.format(src=source(Path(tmp) / fmt, fmt))).fetchall()
                     stats[fmt]["seconds"][name].append(time.perf_counter() - started)
                     answers.setdefault(name, {})[fmt] = rows
+    stats["readers"] = readers(lines, spans)
     for name, by_fmt in answers.items():  # the two trees must hold the same table
         assert by_fmt["ndjson"] == by_fmt["parquet"], (name, by_fmt)
     each = args.payloads / len(spans)
@@ -177,6 +218,16 @@ def main(argv: list[str] | None = None) -> int:
         f"| seal CPU per payload (µs) | {nd['seal_us_per_payload']:.2f} | "
         f"{pq['seal_us_per_payload']:.2f} | "
         f"{nd['seal_us_per_payload'] / pq['seal_us_per_payload']:.2f}x |"
+    )
+    r = stats["readers"]
+    print(
+        f"| converting to Parquet per payload (µs): compiled reader / pyarrow's | | "
+        f"{r['convert_us']:.2f} / {r['convert_by_pyarrow_us']:.2f} | "
+        f"{r['convert_us'] / r['convert_by_pyarrow_us']:.2f}x |"
+    )
+    print(
+        f"| of which reading (µs): compiled reader / pyarrow's + shape | | "
+        f"{r['compiled_read_us']:.2f} / {r['pyarrow_read_us']:.2f} + {r['shape_us']:.2f} | |"
     )
     for name in QUERIES:
         a = statistics.median(nd["seconds"][name])
