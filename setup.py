@@ -25,11 +25,13 @@ if os.environ.get("FASTINGEST_NO_EXTENSIONS", "") in ("", "0"):
             Extension(
                 "fastingest._split",
                 ["src/fastingest/_split.pyx"],
+                include_dirs=["src/fastingest"],  # _scan.h
                 extra_compile_args=["-O2"],
             ),
             Extension(
                 "fastingest._columns",
                 ["src/fastingest/_columns.pyx"],
+                include_dirs=["src/fastingest"],  # _scan.h
                 extra_compile_args=["-O2"],
             ),
             # Plain Python typed by _lean.pxd: the file also runs uncompiled.

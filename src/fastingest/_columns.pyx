@@ -19,7 +19,7 @@ from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport calloc, free, realloc, strtod
 from libc.string cimport memchr, memcpy, memset
 
-from fastingest._scan cimport _hex4, _utf8, _ws, cstr
+from fastingest._scan cimport _PLAIN, _hex4, _utf8, _ws, cstr
 
 cdef enum:
     K_NULL = 0  # no value but null seen yet
@@ -232,19 +232,6 @@ cdef inline int _valid(Reader* r, Node* node) noexcept nogil:
 
 
 # --- the walk -------------------------------------------------------------------------
-
-# 1 for a byte a string holds as it is: printable ASCII but the quote and the backslash.
-cdef unsigned char _PLAIN[256]
-
-
-cdef void _fill_plain() noexcept:
-    cdef int c
-    for c in range(256):
-        _PLAIN[c] = 0x20 <= c < 0x80 and c != 0x22 and c != 0x5C
-
-
-_fill_plain()
-
 
 cdef Py_ssize_t _decode(cstr s, Py_ssize_t i, Py_ssize_t n, Buf* out) noexcept nogil:
     """Append the string at s[i] (its quote), decoded, to `out`; its end past the closing

@@ -4,6 +4,9 @@
 
 ctypedef const unsigned char* cstr
 
+cdef extern from "_scan.h":
+    const unsigned char _PLAIN "FASTINGEST_PLAIN"[256]  # 1 for a byte a string holds as it is
+
 
 cdef inline Py_ssize_t _ws(cstr s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
     while i < n and (s[i] == 0x20 or s[i] == 0x0A or s[i] == 0x0D or s[i] == 0x09):

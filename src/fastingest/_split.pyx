@@ -18,7 +18,7 @@ from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from libc.string cimport memchr, memcmp, memcpy
 
-from fastingest._scan cimport _hex4, _utf8, _ws, cstr
+from fastingest._scan cimport _PLAIN, _hex4, _utf8, _ws, cstr
 
 cdef enum:
     MAX_DEPTH = 128  # containers inside containers (orjson allows 1024)
@@ -31,21 +31,6 @@ cdef enum:
 cdef struct Span:
     Py_ssize_t start
     Py_ssize_t end
-
-
-# 1 for a byte a string holds as it is: printable ASCII but the quote and the backslash.
-# Nearly every byte of a payload's strings is one, so _string skips runs of them four at
-# a time before it looks at a byte closely (0.6-0.8x the time per body: bench/README.md).
-cdef unsigned char _PLAIN[256]
-
-
-cdef void _fill_plain() noexcept:
-    cdef int c
-    for c in range(256):
-        _PLAIN[c] = 0x20 <= c < 0x80 and c != 0x22 and c != 0x5C
-
-
-_fill_plain()
 
 
 cdef Py_ssize_t _string(cstr s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
