@@ -213,20 +213,20 @@ def _bitmap(bits: list[bool]) -> memoryview:
     return memoryview(bytes(out))
 
 
-def _out(node: _Node) -> Column:
-    values = b""
+def _values(node: _Node) -> memoryview:
     if node.kind == BOOL:
-        return _with(node, _bitmap(node.values))
+        return _bitmap(node.values)
+    packed = b""
     if node.kind == INT:
-        values = struct.pack(f"<{node.length}q", *node.values)
+        packed = struct.pack(f"<{node.length}q", *node.values)
     elif node.kind == DOUBLE:
-        values = struct.pack(f"<{node.length}d", *node.values)
+        packed = struct.pack(f"<{node.length}d", *node.values)
     elif node.kind == STRING:
-        values = b"".join(node.values)
-    return _with(node, memoryview(values))
+        packed = b"".join(node.values)
+    return memoryview(packed)
 
 
-def _with(node: _Node, values: memoryview) -> Column:
+def _out(node: _Node) -> Column:
     offsets = struct.pack(f"<{len(node.offsets)}i", *node.offsets) if node.offsets else b""
     nulls = node.valid.count(False)
     return (
@@ -235,7 +235,7 @@ def _with(node: _Node, values: memoryview) -> Column:
         node.length,
         nulls,
         _bitmap(node.valid) if nulls else None,
-        values,
+        _values(node),
         memoryview(offsets),
         tuple(_out(c) for c in node.children),
     )

@@ -177,14 +177,13 @@ class ParquetWriter:
                 table = read[1]
         if not sparse:
             try:
+                # The compiled reader leaves an integer past int64 to pyarrow's: only a
+                # table pyarrow read may hold one, as a float.
+                exact = table is not None
                 if table is None:
                     table = _read_json(data, self.schema)
-                if (
-                    table.num_columns
-                    and _writable(table.schema)
-                    and not self._unsigned
-                    and _no_long_integers(table)
-                ):
+                    exact = not self._unsigned and _no_long_integers(table)
+                if table.num_columns and _writable(table.schema) and exact:
                     return self._write([table], self.schema), table.num_rows, []
             except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
                 pass
