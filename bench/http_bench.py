@@ -376,7 +376,7 @@ def reference(name: str, *cmd: str) -> Server:
 def cases(args: argparse.Namespace) -> list[Server]:
     servers = _cases(args)
     if args.rows:
-        servers = [s for s in servers if any(r == s.name for r in args.rows)]
+        servers = [s for s in servers if s.name in args.rows]
     if args.baseline is None:
         return servers
     # Each fastingest row again, run from another source tree: a change's before and after
